@@ -1,0 +1,270 @@
+"""The Wan 2.2 DiT (`WanModel`): the reference's math, its constructor, config semantics and state-dict keys.
+
+One readable forward. The fast paths are alternatives chosen once by `configure()` (attention backend, RoPE form,
+per-sample time embedding); with the defaults the forward is the reference's, step for step.
+Shapes: d = dim, L = padded token count (seq_len), H = heads, D = head dim = d / H.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+
+from .attention import DEFAULT_ATTENTION, AttentionBackend
+from .rope import FastRope, ReferenceRope
+
+__all__ = ["WanModel", "sinusoidal_embedding_1d"]
+
+
+def fp32_region(device_type: str):
+    """The reference's `autocast(dtype=float32)` regions. CPU autocast has no fp32 mode: there, turn it off."""
+    if device_type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float32)
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
+
+
+def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
+    """[N] -> [N, dim] float64: cos first, then sin, angle = pos * 10000^(-k/half)."""
+    half = dim // 2
+    position = position.type(torch.float64)
+    sinusoid = torch.outer(position, torch.pow(10000, -torch.arange(half).to(position).div(half)))
+    return torch.cat([torch.cos(sinusoid), torch.sin(sinusoid)], dim=1)
+
+
+class WanRMSNorm(nn.Module):
+    """RMSNorm over the full width: normalise in fp32, cast back, then times the weight (may promote to fp32)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class WanLayerNorm(nn.LayerNorm):
+    """LayerNorm computed on x.float(), cast back to x's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False):
+        super().__init__(dim, elementwise_affine=elementwise_affine, eps=eps)
+
+    def forward(self, x):
+        return super().forward(x.float()).type_as(x)
+
+
+class WanSelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, window_size=(-1, -1), qk_norm: bool = True, eps: float = 1e-6):
+        super().__init__()
+        assert dim % num_heads == 0
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.window_size, self.qk_norm, self.eps = window_size, qk_norm, eps
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        # Chosen once by WanModel.configure(); plain attributes, not modules.
+        self.attention: AttentionBackend = DEFAULT_ATTENTION
+        self.rope = ReferenceRope
+
+    def forward(self, x, seq_lens, rope_table):
+        """x [B, L, d] -> [B, L, d]; keys limited to each sample's real tokens (seq_lens)."""
+        b, s, n, d = *x.shape[:2], self.num_heads, self.head_dim
+        q = self.norm_q(self.q(x)).view(b, s, n, d)
+        k = self.norm_k(self.k(x)).view(b, s, n, d)
+        v = self.v(x).view(b, s, n, d)
+        x = self.attention(self.rope.apply(q, rope_table), self.rope.apply(k, rope_table), v, k_lens=seq_lens)
+        return self.o(x.flatten(2))
+
+
+class WanCrossAttention(WanSelfAttention):
+    def forward(self, x, context, context_lens=None):
+        """x [B, L, d], context [B, 512, d]: every text row (zero-padded ones too) is attended, no RoPE."""
+        b, n, d = x.size(0), self.num_heads, self.head_dim
+        q = self.norm_q(self.q(x)).view(b, -1, n, d)
+        k = self.norm_k(self.k(context)).view(b, -1, n, d)
+        v = self.v(context).view(b, -1, n, d)
+        return self.o(self.attention(q, k, v, k_lens=context_lens).flatten(2))
+
+
+class WanAttentionBlock(nn.Module):
+    def __init__(self, dim, ffn_dim, num_heads, window_size=(-1, -1), qk_norm=True, cross_attn_norm=False, eps=1e-6):
+        super().__init__()
+        self.dim, self.ffn_dim, self.num_heads = dim, ffn_dim, num_heads
+        self.norm1 = WanLayerNorm(dim, eps)
+        self.self_attn = WanSelfAttention(dim, num_heads, window_size, qk_norm, eps)
+        self.norm3 = WanLayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
+        self.cross_attn = WanCrossAttention(dim, num_heads, (-1, -1), qk_norm, eps)
+        self.norm2 = WanLayerNorm(dim, eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x, e, seq_lens, rope_table, context, context_lens=None):
+        """x [B, L, d]; e [B, L|1, 6, d] fp32 (per token, or per sample with the fast time embedding)."""
+        assert e.dtype == torch.float32
+        with fp32_region(x.device.type):
+            # shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn, each [B, L|1, d]
+            e = [u.squeeze(2) for u in (self.modulation.unsqueeze(0) + e).chunk(6, dim=2)]
+        # 1. self-attention, modulated and gated
+        y = self.self_attn(self.norm1(x).float() * (1 + e[1]) + e[0], seq_lens, rope_table)
+        with fp32_region(x.device.type):
+            x = x + y * e[2]
+        # 2. cross-attention: no modulation, no gate
+        x = x + self.cross_attn(self.norm3(x), context, context_lens)
+        # 3. feed-forward, modulated and gated
+        y = self.ffn(self.norm2(x).float() * (1 + e[4]) + e[3])
+        with fp32_region(x.device.type):
+            x = x + y * e[5]
+        return x
+
+
+class Head(nn.Module):
+    def __init__(self, dim, out_dim, patch_size, eps=1e-6):
+        super().__init__()
+        self.dim, self.out_dim, self.patch_size, self.eps = dim, out_dim, patch_size, eps
+        self.norm = WanLayerNorm(dim, eps)
+        self.head = nn.Linear(dim, math.prod(patch_size) * out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def forward(self, x, e):
+        """x [B, L, d], e [B, L|1, d] (time_embedding output, no SiLU) -> [B, L, prod(patch) * out_dim] fp32."""
+        with fp32_region(x.device.type):
+            shift, scale = (self.modulation.unsqueeze(0) + e.unsqueeze(2)).chunk(2, dim=2)
+            return self.head(self.norm(x) * (1 + scale.squeeze(2)) + shift.squeeze(2))
+
+
+class WanModel(nn.Module):
+    """The Wan DiT. Constructor arguments and defaults are the reference's; see `from_pretrained` for config.json."""
+
+    # config.json keys the reference drops before calling __init__ (they always keep these defaults)
+    ignore_for_config = ("patch_size", "cross_attn_norm", "qk_norm", "text_dim", "window_size")
+    _no_split_modules = ["WanAttentionBlock"]
+
+    def __init__(self, model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=2048, ffn_dim=8192,
+                 freq_dim=256, text_dim=4096, out_dim=16, num_heads=16, num_layers=32, window_size=(-1, -1),
+                 qk_norm=True, cross_attn_norm=True, eps=1e-6):
+        super().__init__()
+        if model_type != "t2v":
+            raise ValueError(f"this project implements the t2v DiT only (config.json has model_type={model_type!r}); "
+                             "point --ckpt_dir at a Wan2.2-T2V-A14B checkpoint")
+        self.config = dict(model_type=model_type, patch_size=tuple(patch_size), text_len=text_len, in_dim=in_dim,
+                           dim=dim, ffn_dim=ffn_dim, freq_dim=freq_dim, text_dim=text_dim, out_dim=out_dim,
+                           num_heads=num_heads, num_layers=num_layers, window_size=tuple(window_size),
+                           qk_norm=qk_norm, cross_attn_norm=cross_attn_norm, eps=eps)
+        self.model_type, self.patch_size, self.text_len = model_type, tuple(patch_size), text_len
+        self.in_dim, self.dim, self.ffn_dim, self.freq_dim = in_dim, dim, ffn_dim, freq_dim
+        self.text_dim, self.out_dim, self.num_heads, self.num_layers = text_dim, out_dim, num_heads, num_layers
+        self.window_size, self.qk_norm, self.cross_attn_norm, self.eps = window_size, qk_norm, cross_attn_norm, eps
+
+        self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=patch_size, stride=patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.blocks = nn.ModuleList([
+            WanAttentionBlock(dim, ffn_dim, num_heads, window_size, qk_norm, cross_attn_norm, eps)
+            for _ in range(num_layers)])
+        self.head = Head(dim, out_dim, patch_size, eps)
+        assert (dim % num_heads) == 0 and (dim // num_heads) % 2 == 0
+        self.configure()
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    # ---- fast-path selection (once, at load) -------------------------------------------------------------
+    def configure(self, attention: AttentionBackend | None = None, fast_rope: bool = False,
+                  fast_time_embedding: bool = False) -> "WanModel":
+        """Pick the attention backend, the RoPE form and the time-embedding form for every block."""
+        head_dim = self.dim // self.num_heads
+        self.rope = (FastRope if fast_rope else ReferenceRope)(head_dim)
+        self.fast_time_embedding = fast_time_embedding
+        self.attention = attention or DEFAULT_ATTENTION
+        for block in self.blocks:
+            for attn in (block.self_attn, block.cross_attn):
+                attn.attention, attn.rope = self.attention, self.rope
+        return self
+
+    # ---- forward ---------------------------------------------------------------------------------------------
+    def embed(self, x: list, t: torch.Tensor, context: list, seq_len: int):
+        """Everything before the blocks. Returns (x [B, L, d], e, e0, seq_lens, grids, rope_table, context)."""
+        if self.model_type == "t2v" and any(u.shape[0] != self.in_dim for u in x):
+            raise ValueError(f"latents must have {self.in_dim} channels, got {[tuple(u.shape) for u in x]}")
+        # 1. patchify: per sample [1, d, F, H/2, W/2] -> [1, F*H'*W', d], right-padded to seq_len
+        x = [self.patch_embedding(u.unsqueeze(0)) for u in x]
+        grids = [tuple(u.shape[2:]) for u in x]
+        x = [u.flatten(2).transpose(1, 2) for u in x]
+        seq_lens = [u.size(1) for u in x]
+        if max(seq_lens) > seq_len:
+            raise ValueError(f"seq_len {seq_len} is smaller than the {max(seq_lens)} tokens of the latents")
+        x = torch.cat([torch.cat([u, u.new_zeros(1, seq_len - u.size(1), u.size(2))], dim=1) for u in x])
+        # 2. time: one timestep per token [B, L] (reference), or per sample [B, 1] (fast, exact for t2v)
+        bt = x.size(0)
+        if t.dim() == 1:
+            t = t.view(-1, 1).expand(bt, 1 if self.fast_time_embedding else seq_len)
+        with fp32_region(x.device.type):
+            e = self.time_embedding(sinusoidal_embedding_1d(self.freq_dim, t.flatten()).unflatten(0, t.shape).float())
+            e0 = self.time_projection(e).unflatten(2, (6, self.dim))  # [B, L|1, 6, d]
+            assert e.dtype == torch.float32 and e0.dtype == torch.float32
+        # 3. text: zero-pad each prompt to text_len rows before the MLP (padded rows take part in cross-attention)
+        context = self.text_embedding(torch.stack([
+            torch.cat([u, u.new_zeros(self.text_len - u.size(0), u.size(1))]) for u in context]))
+        rope_table = self.rope.prepare(grids, seq_len, x.device)
+        return x, e, e0, seq_lens, grids, rope_table, context
+
+    def forward(self, x: list, t: torch.Tensor, context: list, seq_len: int, y=None) -> list:
+        """x: list of [C_in, F, H, W]; t: [B] (or [B, seq_len]); context: list of [L_i, text_dim].
+
+        Returns a list of fp32 [C_out, F, H, W] (the flow / velocity prediction).
+        """
+        if y is not None:
+            raise ValueError("y (image conditioning) is for i2v models; t2v takes none")
+        x, e, e0, seq_lens, grids, rope_table, context = self.embed(x, t, context, seq_len)
+        for block in self.blocks:
+            x = block(x, e0, seq_lens, rope_table, context, None)
+        x = self.head(x, e)
+        return [u.float() for u in self.unpatchify(x, grids)]
+
+    def unpatchify(self, x: torch.Tensor, grids: list) -> list:
+        """[B, L, p*q*r*c] -> list of [c, F*p, H'*q, W'*r]; head channels are ordered (p, q, r, c), c fastest."""
+        c, (p, q, r) = self.out_dim, self.patch_size
+        out = []
+        for u, (f, h, w) in zip(x, grids):
+            u = u[: f * h * w].view(f, h, w, p, q, r, c)
+            out.append(torch.einsum("fhwpqrc->cfphqwr", u).reshape(c, f * p, h * q, w * r))
+        return out
+
+    # ---- weights -----------------------------------------------------------------------------------------
+    def init_weights(self):
+        """The reference's init (note: head.head is zero, so a fresh model outputs zeros)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for m in self.text_embedding.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        for m in self.time_embedding.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir, subfolder: str | None = None, torch_dtype: torch.dtype | None = None,
+                        device="cpu") -> "WanModel":
+        """Load `<checkpoint_dir>/<subfolder>/` (config.json + sharded safetensors) without a second copy."""
+        from .checkpoint import load_wan_model
+
+        return load_wan_model(cls, checkpoint_dir, subfolder, dtype=torch_dtype, device=device)
+
+    def estimate_flops(self, seq_len: int, text_len: int | None = None) -> float:
+        """Matmul FLOPs of one batch-1 forward (linears + attention), for MFU reporting."""
+        d, f, n_txt = self.dim, self.ffn_dim, text_len or self.text_len
+        per_block = 2 * seq_len * d * d * 4 + 2 * seq_len * d * d * 2 + 2 * n_txt * d * d * 2  # qkvo, cross q/o, cross k/v
+        per_block += 2 * seq_len * d * f * 2  # ffn
+        per_block += 4 * seq_len * seq_len * d + 4 * seq_len * n_txt * d  # self + cross attention
+        return float(per_block * self.num_layers)
