@@ -1,0 +1,139 @@
+"""Wan 2.1 VAE wrapper (used by Wan 2.2 T2V-A14B) on top of diffusers' AutoencoderKLWan.
+
+Public API mirrors the reference `wan/modules/vae2_1.py::Wan2_1_VAE`:
+  encode(list of [3,T,H,W] in [-1,1]) -> list of normalised latents [16, 1+(T-1)//4, H/8, W/8]
+  decode(list of [16,T',h,w])         -> list of videos [3, 1+4(T'-1), 8h, 8w] in [-1,1]
+The checkpoint is the original `Wan2.1_VAE.pth` (original Wan key names); it is converted with
+diffusers' `convert_wan_vae_to_diffusers`. Importing this module never touches CUDA.
+"""
+import contextlib
+import os
+import zipfile
+
+import torch
+
+__all__ = ["Wan2_1_VAE", "WAN21_VAE_MEAN", "WAN21_VAE_STD", "load_wan_vae_state_dict", "build_wan_vae"]
+
+# Per-latent-channel normalisation constants of the official Wan 2.1 VAE (z_dim 16).
+WAN21_VAE_MEAN = [
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+]
+WAN21_VAE_STD = [
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+]
+# Fixed architecture of the Wan 2.1 VAE; only base_dim (96 official) and z_dim vary.
+VAE_ARCH = dict(dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                temperal_downsample=[False, True, True], dropout=0.0)
+_MISSING_HINT = "Wan2.1_VAE.pth ships with the official Wan2.2-T2V-A14B download"
+
+
+def load_wan_vae_state_dict(path):
+    """Read an original-layout VAE checkpoint (.pth or .safetensors) as a CPU state dict."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"VAE checkpoint not found: {path} ({_MISSING_HINT})")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(path, device="cpu")
+        else:  # mmap only works for zip-format files (torch >= 1.6 default)
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # corrupt / foreign file: keep the message to one line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot read VAE checkpoint {path}: {msg}") from e
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(f"VAE checkpoint {path} is not a plain state dict of tensors")
+    return sd
+
+
+def build_wan_vae(base_dim, z_dim=16, device=None):
+    """AutoencoderKLWan with the Wan 2.1 architecture, from a local config (never the hub).
+    Its latents_mean/std config entries are NOT applied by encode/decode; Wan2_1_VAE applies them."""
+    from diffusers import AutoencoderKLWan
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return AutoencoderKLWan(base_dim=base_dim, z_dim=z_dim, **VAE_ARCH)
+
+
+def _fit_problems(sd, ref):
+    """List key/shape mismatches between a converted state dict and the model's own one."""
+    probs = [f"missing {k}" for k in ref if k not in sd]
+    probs += [f"unexpected {k}" for k in sd if k not in ref]
+    probs += [f"{k}: shape {tuple(sd[k].shape)} != expected {tuple(ref[k].shape)}"
+              for k in ref if k in sd and sd[k].shape != ref[k].shape]
+    return probs
+
+
+class Wan2_1_VAE:
+    """Reference-compatible wrapper: `model` (diffusers AutoencoderKLWan), `scale` = [mean, 1/std], `dtype`."""
+
+    def __init__(self, z_dim=16, vae_pth="cache/vae_step_411000.pth", dtype=torch.float, device="cuda"):
+        from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.z_dim = z_dim
+        # Normalisation constants, kept fp32 (as in the reference with its default dtype=float).
+        self.mean = torch.tensor(WAN21_VAE_MEAN, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(WAN21_VAE_STD, dtype=torch.float32, device=self.device)
+        self.scale = [self.mean, 1.0 / self.std]
+
+        sd = load_wan_vae_state_dict(vae_pth)
+        # base_dim / z_dim from the checkpoint: encoder.conv1 [base,3,3,3,3], conv2 [z,z,1,1,1].
+        for key in ("encoder.conv1.weight", "conv2.weight"):
+            if key not in sd or sd[key].ndim != 5:
+                raise ValueError(f"VAE checkpoint {vae_pth} does not look like a Wan 2.1 VAE "
+                                 f"(no 5-D '{key}'; first keys: {list(sd)[:3]})")
+        base_dim, ck_z = sd["encoder.conv1.weight"].shape[0], sd["conv2.weight"].shape[0]
+        if ck_z != z_dim or z_dim != len(WAN21_VAE_MEAN):
+            raise ValueError(f"VAE checkpoint {vae_pth} has z_dim {ck_z}, expected z_dim={z_dim} "
+                             f"(the normalisation table has {len(WAN21_VAE_MEAN)} channels)")
+
+        sd = convert_wan_vae_to_diffusers(sd)
+        model = build_wan_vae(base_dim, z_dim, device="meta")  # no memory, no init cost
+        probs = _fit_problems(sd, model.state_dict())
+        if probs:
+            more = f" (+{len(probs) - 4} more)" if len(probs) > 4 else ""
+            raise ValueError(f"VAE checkpoint {vae_pth} does not fit AutoencoderKLWan(base_dim={base_dim}, "
+                             f"z_dim={z_dim}) [diffusers key names]: {'; '.join(probs[:4])}{more}")
+        # Cast in the state dict (not model.to(dtype), which makes diffusers log a spurious warning).
+        model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
+        self.model = model.eval().requires_grad_(False).to(self.device)
+
+    def _fp32_ctx(self):
+        # The reference nests an fp32 autocast inside the pipeline's bf16 one; CPU autocast has no
+        # fp32 mode, so there we simply switch any outer autocast off.
+        kind = self.device.type
+        if kind == "cuda":
+            return torch.autocast("cuda", dtype=torch.float32)
+        if torch.amp.is_autocast_available(kind):
+            return torch.autocast(kind, enabled=False)
+        return contextlib.nullcontext()
+
+    def _view(self, t):  # [16] -> [16,1,1,1] to broadcast over [16,T,h,w]
+        return t.view(-1, 1, 1, 1)
+
+    @torch.no_grad()
+    def encode(self, videos):
+        """videos: list of [3,T,H,W] in [-1,1] -> list of fp32 [z, 1+(T-1)//4, H/8, W/8], (mu-mean)/std."""
+        out = []
+        with self._fp32_ctx():
+            for v in videos:
+                x = v.to(device=self.device, dtype=self.dtype).unsqueeze(0)
+                mu = self.model.encode(x).latent_dist.mode()[0].float()  # mu = first z_dim channels
+                out.append((mu - self._view(self.scale[0])) * self._view(self.scale[1]))
+        return out
+
+    @torch.no_grad()
+    def decode(self, zs):
+        """zs: list of [z,T',h,w] normalised latents -> list of fp32 [3, 1+4(T'-1), 8h, 8w] in [-1,1].
+        diffusers decodes one latent frame at a time with a causal conv cache, like the reference."""
+        out = []
+        with self._fp32_ctx():
+            for z in zs:
+                z = z.to(device=self.device, dtype=torch.float32)
+                z = z / self._view(self.scale[1]) + self._view(self.scale[0])  # = z*std + mean
+                x = self.model.decode(z.to(self.dtype).unsqueeze(0)).sample[0]
+                out.append(x.float().clamp_(-1, 1))
+        return out
