@@ -128,3 +128,28 @@ def save_wan_model(model: torch.nn.Module, folder, max_shard_bytes: int = 10 * 2
         weight_map.update({k: fname for k in keys})
         total += sum(state[k].numel() * state[k].element_size() for k in keys)
     (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+DOWNLOAD_HINT = "download it with: huggingface-cli download Wan-AI/Wan2.2-T2V-A14B --local-dir ./Wan2.2-T2V-A14B"
+
+
+def check_checkpoint_dir(config, ckpt_dir: Path) -> None:
+    """Every file the pipeline will read exists, before minutes of loading; the first missing one is named."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"--ckpt_dir {ckpt_dir} is not a directory; {DOWNLOAD_HINT}")
+    if (ckpt_dir / "model_index.json").is_file():
+        raise CheckpointError(f"{ckpt_dir} is a Diffusers-format checkpoint (model_index.json); point --ckpt_dir at "
+                              f"the original Wan2.2-T2V-A14B layout instead; {DOWNLOAD_HINT}")
+    for rel, kind in ((config.t5_checkpoint, "file"), (config.t5_tokenizer, "dir"), (config.vae_checkpoint, "file")):
+        path = ckpt_dir / rel
+        if not (path.is_file() if kind == "file" else path.is_dir()):
+            raise FileNotFoundError(f"missing {path} (part of the official Wan2.2-T2V-A14B download); {DOWNLOAD_HINT}")
+    for sub in (config.low_noise_checkpoint, config.high_noise_checkpoint):
+        folder = ckpt_dir / sub
+        cfg = read_model_config(folder, ())
+        shard_map(folder)
+        for key, want in config.expected_dit:
+            if key in cfg and cfg[key] != want:
+                raise CheckpointError(f"{folder / CONFIG_NAME} has {key}={cfg[key]}, expected {want} for {config.name} "
+                                      "(a 1.3B, 5B or I2V checkpoint?)")

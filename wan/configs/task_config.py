@@ -1,0 +1,43 @@
+"""What a task needs besides the DiT architecture (which each expert's config.json holds)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# The reference's default negative prompt (used when n_prompt is empty; the CLI has no flag for it).
+DEFAULT_NEG_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，"
+    "多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str
+    # files inside --ckpt_dir (the official layout)
+    t5_checkpoint: str = "models_t5_umt5-xxl-enc-bf16.pth"
+    t5_tokenizer: str = "google/umt5-xxl"
+    vae_checkpoint: str = "Wan2.1_VAE.pth"
+    low_noise_checkpoint: str = "low_noise_model"
+    high_noise_checkpoint: str = "high_noise_model"
+    # numerics and geometry
+    text_len: int = 512
+    t5_dtype: torch.dtype = torch.bfloat16
+    param_dtype: torch.dtype = torch.bfloat16
+    vae_stride: tuple[int, int, int] = (4, 8, 8)
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_train_timesteps: int = 1000
+    boundary: float = 0.875  # t >= boundary * 1000 -> high-noise expert
+    # sampling defaults (generate.py fills unset flags from these)
+    sample_fps: int = 16
+    sample_shift: float = 12.0
+    sample_steps: int = 40
+    sample_guide_scale: tuple[float, float] = (3.0, 4.0)  # (low-noise expert, high-noise expert)
+    frame_num: int = 81
+    default_size: str = "1280*720"
+    supported_sizes: tuple[str, ...] = ("720*1280", "1280*720", "480*832", "832*480")
+    sample_neg_prompt: str = DEFAULT_NEG_PROMPT
+    needs_ckpt_dir: bool = True
+    # config.json values each expert must have (checked before loading)
+    expected_dit: tuple[tuple[str, object], ...] = (("model_type", "t2v"), ("dim", 5120), ("num_layers", 40),
+                                                    ("num_heads", 40), ("in_dim", 16), ("out_dim", 16))

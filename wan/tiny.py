@@ -1,0 +1,75 @@
+"""The built-in tiny model (task t2v-tiny): random weights from fixed seeds, written as a real checkpoint folder in
+the official Wan2.2-T2V-A14B layout and then loaded through the real loaders. Its video is noise.
+
+Layout written: models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/ (a sentencepiece tokenizer trained offline),
+Wan2.1_VAE.pth (base_dim 8), high_noise_model/ and low_noise_model/ (config.json + sharded safetensors + index).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("wan")
+
+FORMAT_VERSION = "1"  # bump when the tiny architecture or seeds change (the cache folder name follows it)
+MARKER = ".wan_tiny_complete"
+# DiT: text_dim stays 4096 because config.json cannot change it (the reference ignores that key).
+TINY_DIT = dict(model_type="t2v", dim=64, ffn_dim=128, freq_dim=256, in_dim=16, out_dim=16, num_heads=4,
+                num_layers=2, text_len=512, eps=1e-6)
+TINY_SEEDS = {"high_noise_model": 1, "low_noise_model": 2, "t5": 3, "vae": 4}
+
+
+def default_tiny_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "wan22" / f"t2v-tiny-v{FORMAT_VERSION}"
+
+
+def build_tiny_dit(seed: int):
+    from .modules.model import WanModel
+    from .utils.random_init import randomize_weights_
+
+    return randomize_weights_(WanModel(**TINY_DIT), seed=seed).eval()
+
+
+def write_tiny_checkpoint(folder) -> Path:
+    """Write every file of the tiny checkpoint into `folder` (deterministic: same bytes of weights every time)."""
+    from .modules.checkpoint import save_wan_model
+    from .tiny_t5 import write_tiny_t5
+    from .tiny_vae import write_tiny_vae_checkpoint
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tiny_t5(str(folder), seed=TINY_SEEDS["t5"], d_model=4096)
+    write_tiny_vae_checkpoint(str(folder / "Wan2.1_VAE.pth"), seed=TINY_SEEDS["vae"])
+    for sub in ("high_noise_model", "low_noise_model"):
+        # small shards so the sharded-index path is exercised like the real 6-shard experts
+        save_wan_model(build_tiny_dit(TINY_SEEDS[sub]), folder / sub, max_shard_bytes=2 * 2**20)
+    (folder / MARKER).write_text(FORMAT_VERSION)
+    return folder
+
+
+def ensure_tiny_checkpoint(ckpt_dir=None) -> Path:
+    """The tiny checkpoint folder, written once (atomically: a temp folder renamed into place)."""
+    folder = Path(ckpt_dir) if ckpt_dir else default_tiny_dir()
+    if (folder / MARKER).is_file():
+        return folder
+    if folder.exists() and any(folder.iterdir()):
+        raise FileExistsError(f"{folder} exists but is not a complete tiny checkpoint; remove it or pick another "
+                              "--ckpt_dir for --task t2v-tiny")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        log.info("writing the tiny random checkpoint to %s", folder)
+        with torch.random.fork_rng():
+            write_tiny_checkpoint(tmp)
+        if folder.exists():
+            folder.rmdir()
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

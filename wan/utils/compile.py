@@ -1,0 +1,23 @@
+"""Regional torch.compile: the repeated DiT block is compiled once and shared by every block of both experts."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("wan")
+
+
+def compile_blocks(model, mode: str = "default") -> None:
+    """Compile each block's forward in place. All blocks run the same code object, and parameters are graph
+    inputs (inline_inbuilt_nn_modules), so one compiled graph serves all 80 blocks: no recompilation across
+    blocks, steps or the expert switch once the shapes are fixed."""
+    kwargs = {} if mode == "default" else {"mode": mode}
+    torch._dynamo.config.inline_inbuilt_nn_modules = True
+    # 80 block instances share one graph; keep headroom so a new shape (e.g. batched CFG) does not hit the limit.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for block in model.blocks:
+        if not getattr(block, "_wan_compiled", False):
+            block.compile(dynamic=False, **kwargs)
+            block._wan_compiled = True
+    log.info("torch.compile (%s) on %d blocks", mode, len(model.blocks))
