@@ -70,7 +70,9 @@ class WanT2V:
             raise RuntimeError("CUDA was asked for but torch.cuda.is_available() is False; pass --device cpu "
                                "(only the tiny model is practical there) or install a CUDA build of torch")
         if self.device.type == "cpu" and self.options.convert_model_dtype:
-            raise ValueError("--convert_model_dtype (bf16 DiT) is for GPUs; on CPU run the DiT in fp32")
+            # bf16 weights need the CUDA bf16 autocast the reference runs under; say so and record what runs.
+            log.warning("convert_model_dtype ignored on CPU: the DiT runs in fp32 there (no bf16 autocast)")
+            self.options = replace(self.options, convert_model_dtype=False)
         self.world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         self.use_sp = use_sp or self.options.ulysses_size > 1
         offload = self.options.offload_model
@@ -108,10 +110,12 @@ class WanT2V:
         self.attention = resolve_attention(options.attn_backend, self.device)
         for model in (self.low_noise_model, self.high_noise_model):
             model.configure(self.attention, fast_rope=options.fast_rope, fast_time_embedding=options.fast_time_embedding)
-            if options.compile:
-                from .utils.compile import compile_blocks
+            from .utils.compile import compile_blocks, uncompile_blocks
 
+            if options.compile:
                 compile_blocks(model, options.compile_mode)
+            else:
+                uncompile_blocks(model)
         log.info("options: %s; attention %s; rope %s", options.changed() or "original path", self.attention.name,
                  self.low_noise_model.rope.name)
 

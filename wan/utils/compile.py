@@ -13,7 +13,6 @@ def compile_blocks(model, mode: str = "default") -> None:
     inputs (inline_inbuilt_nn_modules), so one compiled graph serves all 80 blocks: no recompilation across
     blocks, steps or the expert switch once the shapes are fixed."""
     kwargs = {} if mode == "default" else {"mode": mode}
-    torch._dynamo.config.inline_inbuilt_nn_modules = True
     # 80 block instances share one graph; keep headroom so a new shape (e.g. batched CFG) does not hit the limit.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for block in model.blocks:
@@ -21,3 +20,11 @@ def compile_blocks(model, mode: str = "default") -> None:
             block.compile(dynamic=False, **kwargs)
             block._wan_compiled = True
     log.info("torch.compile (%s) on %d blocks", mode, len(model.blocks))
+
+
+def uncompile_blocks(model) -> None:
+    """Back to eager blocks (for A/B runs in one process)."""
+    for block in model.blocks:
+        if getattr(block, "_wan_compiled", False):
+            block._compiled_call_impl = None
+            block._wan_compiled = False
