@@ -48,16 +48,33 @@ class AttentionBackend:
 
 
 def _sdpa_kernel(backend):
-    """SDPA on [B, L, H, D] (transposed views), optionally pinned to one torch backend."""
-    from torch.nn.attention import sdpa_kernel
+    """SDPA on [B, L, H, D] (transposed views). `backend` None: torch's dispatch; "math": pinned math kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def run(q, k, v):
         q, k, v = (u.transpose(1, 2) for u in (q, k, v))
         if backend is None:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
-            with sdpa_kernel(backend):
+            with sdpa_kernel(SDPBackend.MATH):
                 out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2)
+
+    return run
+
+
+def _aten_kernel(name):
+    """One fused GPU kernel called directly (no per-call dispatch; compiles cleanly): cudnn, flash or efficient."""
+    aten = torch.ops.aten
+
+    def run(q, k, v):
+        q, k, v = (u.transpose(1, 2) for u in (q, k, v))
+        if name == "cudnn":
+            out = aten._scaled_dot_product_cudnn_attention(q, k, v, None, False)[0]
+        elif name == "flash":
+            out = aten._scaled_dot_product_flash_attention(q, k, v)[0]
+        else:
+            out = aten._scaled_dot_product_efficient_attention(q, k, v, None, False)[0]
         return out.transpose(1, 2)
 
     return run
@@ -93,8 +110,6 @@ def _import_flash2():
 
 def resolve_attention(requested: str, device: torch.device) -> AttentionBackend:
     """Pick the backend once. `auto`: FA3 on Hopper, else cuDNN SDPA on Hopper, else FA2, else SDPA default."""
-    from torch.nn.attention import SDPBackend
-
     if requested not in BACKENDS:
         raise ValueError(f"unknown attention backend {requested!r}; choose one of {', '.join(BACKENDS)}")
     device = torch.device(device)
@@ -132,12 +147,12 @@ def resolve_attention(requested: str, device: torch.device) -> AttentionBackend:
         backend = AttentionBackend("flash2 (flash_attn)", fn)
     elif requested == "sdpa":
         backend = AttentionBackend("sdpa (torch default dispatch)", _sdpa_kernel(None))
+    elif requested == "math":
+        backend = AttentionBackend("math (sdpa)", _sdpa_kernel("math"))
     else:
-        pinned = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[requested]
-        if requested != "math" and not on_cuda:
+        if not on_cuda:
             raise BackendUnavailableError(f"attention backend {requested} needs a CUDA device; use --attn_backend sdpa on CPU")
-        backend = AttentionBackend(requested, _sdpa_kernel(pinned))
+        backend = AttentionBackend(f"{requested} (sdpa)", _aten_kernel(requested))
     _probe(backend, device)
     log.info("attention backend: %s", backend.name)
     return backend

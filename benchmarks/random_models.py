@@ -1,0 +1,99 @@
+"""Full-size models with seeded random weights, built on the GPU from the meta device (no checkpoint needed).
+
+Timing does not depend on weight values, but numerics do: every weight is drawn (never zeros; the reference zero-
+initialises the head), from one seed, in fp32 and then cast, so bf16 and fp32 rows hold the same values.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from wan.modules.model import WanModel
+from wan.tiny import TINY_DIT
+
+# The T2V-A14B expert (config.json of high_noise_model/ and low_noise_model/).
+A14B_DIT = dict(model_type="t2v", dim=5120, ffn_dim=13824, freq_dim=256, in_dim=16, out_dim=16, num_heads=40,
+                num_layers=40, text_len=512, eps=1e-6)
+RESOLUTIONS = {"480p": (832, 480), "720p": (1280, 720), "tiny": (64, 64)}
+
+
+@torch.no_grad()
+def random_expert(device, dtype: torch.dtype, seed: int = 0, tiny: bool = False) -> WanModel:
+    """One expert on `device` with seeded N(0, 1/fan_in) matrices, drawn in fp32 per tensor, stored in `dtype`."""
+    with torch.device("meta"):
+        model = WanModel(**(TINY_DIT if tiny else A14B_DIT))
+    model = model.to_empty(device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        tmp = torch.empty(p.shape, device=device, dtype=torch.float32)
+        if p.dim() >= 2 and "modulation" not in name:
+            tmp.normal_(0.0, p[0].numel() ** -0.5, generator=gen)
+        elif "modulation" in name:
+            tmp.normal_(0.0, p.shape[-1] ** -0.5, generator=gen)
+        elif name.endswith("bias"):
+            tmp.normal_(0.0, 0.02, generator=gen)
+        else:  # norm weights
+            tmp.normal_(1.0, 0.1, generator=gen)
+        p.copy_(tmp)
+        del tmp
+    return model.configure().eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def random_t5(device, tiny: bool = False):
+    """umt5-xxl encoder (bf16) with random weights and the offline tiny tokenizer (token ids < its vocab)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from wan.modules.t5 import T5EncoderModel
+    from wan.modules.tokenizers import HuggingfaceTokenizer
+    from wan.tiny_t5 import write_tiny_tokenizer
+
+    cfg = UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_heads=64, num_layers=24,
+                     relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                     feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0)
+    if tiny:
+        cfg = UMT5Config(vocab_size=128, d_model=4096, d_kv=8, d_ff=64, num_heads=4, num_layers=2,
+                         feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0)
+    cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = UMT5EncoderModel(cfg)
+    model = model.to_empty(device=device).to(torch.bfloat16)
+    gen = torch.Generator(device=device).manual_seed(7)
+    for name, p in model.named_parameters():
+        if "layer_norm" in name:
+            p.normal_(1.0, 0.1, generator=gen)
+        else:
+            p.normal_(0.0, (p.shape[-1] if p.dim() == 2 else 1) ** -0.5, generator=gen)
+    model.tie_weights()  # encoder.embed_tokens shares shared.weight
+    enc = object.__new__(T5EncoderModel)  # bypass file loading; same __call__
+    tok_dir = write_tiny_tokenizer(str(Path(tempfile.mkdtemp()) / "tok"))
+    enc.text_len, enc.dtype, enc.device = 512, torch.bfloat16, torch.device(device)
+    enc.model = model.eval().requires_grad_(False)
+    enc.tokenizer = HuggingfaceTokenizer(name=tok_dir, seq_len=512, clean="whitespace")
+    return enc
+
+
+def random_vae(device, tiny: bool = False):
+    """The Wan 2.1 VAE (base_dim 96; 8 when tiny) with seeded random weights, through the real loader."""
+    from wan.modules.vae import Wan2_1_VAE
+    from wan.tiny_vae import write_tiny_vae_checkpoint
+
+    path = Path(tempfile.mkdtemp()) / "Wan2.1_VAE.pth"
+    write_tiny_vae_checkpoint(str(path), seed=5, base_dim=8 if tiny else 96)
+    return Wan2_1_VAE(vae_pth=str(path), device=device)
+
+
+def random_pipeline(options, device, tiny: bool = False, n_experts: int = 2, with_text: bool = True):
+    """WanT2V over random models. n_experts=1 shares one expert for both noise levels (for per-forward timing)."""
+    from wan.configs import WAN_CONFIGS
+    from wan.text2video import WanT2V
+
+    dtype = torch.bfloat16 if options.convert_model_dtype and torch.device(device).type == "cuda" else torch.float32
+    high = random_expert(device, dtype, seed=0, tiny=tiny)
+    low = high if n_experts == 1 else random_expert(device, dtype, seed=0, tiny=tiny)
+    comps = dict(text_encoder=random_t5(device, tiny) if with_text else None,
+                 vae=random_vae(device, tiny) if with_text else None, low_noise_model=low, high_noise_model=high)
+    cfg = WAN_CONFIGS["t2v-tiny" if tiny else "t2v-A14B"]
+    return WanT2V(cfg, None, device=device, options=options, components=comps)

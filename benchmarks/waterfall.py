@@ -1,0 +1,227 @@
+"""The waterfall: the original path, then each speed switch added cumulatively, then --fast; each row in a fresh
+process, all in one run, with the peer (diffusers) and the stage costs, and a 40-step projection per row.
+
+    python -m benchmarks.waterfall --res 480p --full --out benchmarks/results/h200_480p.json
+    python -m benchmarks.waterfall --res 720p --stages --peer --out benchmarks/results/h200_720p.json
+
+Projected video seconds = text encoding (T5 to GPU, two prompts, back) + 40 x measured step + expert offload
+transfers (original path only: 2 uploads + 2 downloads of one expert) + VAE decode. `--full` runs one whole
+generation of the last row's options and reports measured vs projected.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (label, options added to the previous row); "derived" rows reuse the previous DiT run (only transfers change)
+WATERFALL = [
+    ("original path (cuDNN attention)", {"attn_backend": "cudnn"}),
+    ("+ convert_model_dtype (bf16 weights)", {"convert_model_dtype": True}),
+    ("+ offload_model false (experts resident)", {"offload_model": False}),
+    ("+ fast_time_embedding", {"fast_time_embedding": True}),
+    ("+ fast_rope", {"fast_rope": True}),
+    ("+ batched_cfg", {"batched_cfg": True}),
+    ("+ tf32", {"tf32": True}),
+    ("+ compile (= --fast, cuDNN)", {"compile": True}),
+    ("--fast (attention auto: FA3 if installed)", {"attn_backend": "auto"}),
+]
+DERIVED = {"+ offload_model false (experts resident)"}
+STEPS, HIGH_STEPS = 40, 26
+
+
+def run_child(args: list[str], timeout: float) -> dict:
+    """Run `python -m benchmarks.rows ...` in a fresh process; return its RESULT json or an error record."""
+    cmd = [sys.executable, "-m", "benchmarks.rows", *args]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(timeout, 1))
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s", "cmd": " ".join(args)}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            out = json.loads(line[len("RESULT "):])
+            out["process_s"] = time.perf_counter() - t0
+            return out
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": " | ".join(tail) or f"exit {proc.returncode}", "cmd": " ".join(args)}
+
+
+def projection(row: dict, opts: dict, stages: dict | None) -> dict:
+    """Seconds of a 40-step video for this row (stage costs from `stages` where measured)."""
+    dit = STEPS * row["per_step_s"]
+    out = {"dit_s": dit}
+    if stages and "t5_encode_s" in stages:
+        out["text_s"] = stages["t5_to_gpu_s"] + stages["t5_encode_s"] + stages["t5_to_cpu_s"]
+        out["vae_s"] = stages["vae_decode_s"]
+        offload = opts.get("offload_model") is not False
+        dtype = "bf16" if opts.get("convert_model_dtype") else "fp32"
+        if offload and f"expert_{dtype}_to_gpu_s" in stages:
+            out["offload_s"] = 2 * (stages[f"expert_{dtype}_to_gpu_s"] + stages[f"expert_{dtype}_to_cpu_s"])
+        else:
+            out["offload_s"] = 0.0
+        out["video_s"] = out["dit_s"] + out["text_s"] + out["vae_s"] + out["offload_s"]
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:  # noqa: BLE001 - a copied tree without .git
+        return os.environ.get("GIT_COMMIT", "unknown")
+
+
+def environment() -> dict:
+    import torch
+
+    env = {"torch": torch.__version__, "cuda": torch.version.cuda, "git_commit": git_commit(),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--res", default="480p", choices=["480p", "720p", "tiny"])
+    p.add_argument("--frame_num", type=int, default=81)
+    p.add_argument("--steps", type=int, default=1, help="timed denoising steps per row")
+    p.add_argument("--original_attn", default="cudnn", help="attention of the original-path row (sdpa on CPU)")
+    p.add_argument("--rows", default="all", help="comma-separated row indices, or all")
+    p.add_argument("--stages", action="store_true", help="measure T5, VAE and offload transfers")
+    p.add_argument("--peer", action="store_true", help="diffusers WanTransformer3DModel forward")
+    p.add_argument("--full", action="store_true", help="one whole 40-step generation with the last row's options")
+    p.add_argument("--repeat", type=int, default=1, help="generations in the --full process (memory growth check)")
+    p.add_argument("--profile", default=None, help="profiler summary of one forward of the last row, to this file")
+    p.add_argument("--deadline", type=float, default=560, help="seconds: skip what would start after this")
+    p.add_argument("--out", default=None, help="JSON result file")
+    args = p.parse_args(argv)
+
+    t_start = time.perf_counter()
+    left = lambda: args.deadline - (time.perf_counter() - t_start)  # noqa: E731
+    common = ["--res", args.res, "--frame_num", str(args.frame_num)]
+    record = {"env": environment(), "res": args.res, "frame_num": args.frame_num, "steps_timed": args.steps,
+              "rows": [], "stages": None, "peer": None, "full": None}
+    tmp = Path(tempfile.mkdtemp())
+    ref = tmp / "original.pt"
+    selected = range(len(WATERFALL)) if args.rows == "all" else [int(i) for i in args.rows.split(",")]
+    opts: dict = {}
+    prev = None
+    for i, (label, add) in enumerate(WATERFALL):
+        opts = {**opts, **add}
+        if i == 0:
+            opts["attn_backend"] = args.original_attn
+        if i not in selected:
+            continue
+        if label in DERIVED and prev is not None and "error" not in prev:
+            row = {**prev, "derived_from_previous": True}
+        elif left() < 20:
+            row = {"error": "skipped: out of time"}
+        else:
+            extra = ["--save", str(ref)] if i == 0 else (["--ref", str(ref)] if ref.exists() else [])
+            if args.profile and i == len(WATERFALL) - 1:
+                extra += ["--profile", args.profile]
+            row = run_child([*common, "row", "--steps", str(args.steps), "--options", json.dumps(opts)] + extra, left())
+            row.pop("options", None)
+        row.update(label=label, options=dict(opts))
+        if "error" not in row:
+            row["projection"] = projection(row, opts, record["stages"])
+        record["rows"].append(row)
+        prev = row
+        print(f"[{time.perf_counter() - t_start:6.0f} s] {label}: "
+              + (row.get("error") or f"{row['per_forward_s']:.3f} s/forward"), flush=True)
+
+    if args.stages and left() > 30:
+        record["stages"] = run_child([*common, "stages", "--transfers"], left())
+        print(f"[{time.perf_counter() - t_start:6.0f} s] stages: {record['stages']}", flush=True)
+        for row in record["rows"]:
+            if "error" not in row:
+                row["projection"] = projection(row, row["options"], record["stages"])
+    if args.peer and left() > 30:
+        record["peer"] = run_child([*common, "peer", "--steps", "1"], left())
+        print(f"[{time.perf_counter() - t_start:6.0f} s] peer: {record['peer']}", flush=True)
+    if args.full and left() > 60:
+        full = run_child([*common, "full", "--options", json.dumps(opts), "--repeat", str(args.repeat),
+                          "--warmup"], left())
+        record["full"] = full
+        last = record["rows"][-1] if record["rows"] else {}
+        if "error" not in full and "video_s" in last.get("projection", {}):
+            run = full["runs"][-1]
+            st = run["stages"]
+            measured_dit = st.get("dit_high", 0) + st.get("dit_low", 0)
+            full["projected_dit_s"] = last["projection"]["dit_s"]
+            full["measured_dit_s"] = measured_dit
+            full["projection_error"] = last["projection"]["dit_s"] / measured_dit - 1
+            full["projected_video_s"] = last["projection"]["video_s"]
+            full["video_projection_error"] = last["projection"]["video_s"] / run["total_s"] - 1
+        print(f"[{time.perf_counter() - t_start:6.0f} s] full: {json.dumps(full)[:400]}", flush=True)
+
+    record["wall_s"] = time.perf_counter() - t_start
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(record, indent=2))
+    print(markdown(record))
+    return 0
+
+
+def markdown(record: dict) -> str:
+    rows = record["rows"]
+    base = next((r for r in rows if "error" not in r), None)
+    lines = [f"### {record['env'].get('gpu', 'cpu')}, {record['res']}, {record['frame_num']} frames, torch "
+             f"{record['env']['torch']}, commit {record['env']['git_commit']}",
+             "| row | s / forward | TFLOP/s | projected video s | x vs original | x vs previous | peak GB | attention "
+             "| pred rel diff | latent max / mean diff |", "|" + "---|" * 10]
+    prev = None
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['label']} | error: {r['error'][-150:]} |" + " |" * 8)
+            continue
+        video = r["projection"].get("video_s")
+        key = "video_s" if video is not None else "dit_s"
+        speed = base["projection"][key] / r["projection"][key]
+        vs_prev = prev["projection"][key] / r["projection"][key] if prev else 1.0
+        diff = (f"{r.get('pred_rel_diff', 0):.1e}", f"{r.get('latent_max_abs_diff', 0):.1e} / "
+                f"{r.get('latent_mean_abs_diff', 0):.1e}") if r is not base else ("(reference)", "(reference)")
+        lines.append(f"| {r['label']} | {r['per_forward_s']:.3f} | {r['tflops']:.0f} | "
+                     f"{video if video is None else round(video, 1)} | {speed:.2f} | {vs_prev:.2f} | "
+                     f"{r['peak_gb']:.1f} ({r['resident_experts']} expert{'s' if r['resident_experts'] > 1 else ''}) | "
+                     f"{r['backend']} | {diff[0]} | {diff[1]} |")
+        prev = r
+    peer = record.get("peer")
+    if peer and "error" not in peer:
+        lines.append(f"| peer: {peer['peer']} | {peer['per_forward_s']:.3f} | | | | | {peer['peak_gb']:.1f} | default "
+                     "| | |")
+    st = record.get("stages")
+    if st and "error" not in st:
+        lines.append(f"\nstages: T5 encode {st['t5_encode_s']:.2f} s (+{st['t5_to_gpu_s']:.2f} s up, "
+                     f"{st['t5_to_cpu_s']:.2f} s down), VAE decode {st['vae_decode_s']:.2f} s "
+                     f"({st['vae_peak_gb']:.1f} GB), expert upload bf16 {st.get('expert_bf16_to_gpu_s', 0):.1f} s / "
+                     f"fp32 {st.get('expert_fp32_to_gpu_s', 0):.1f} s")
+    full = record.get("full")
+    if full and "error" not in full:
+        run = full["runs"][-1]
+        lines.append(f"\nfull generation ({full['sampling_steps']} steps, {full['backend']}): {run['total_s']:.1f} s "
+                     f"total, stages {json.dumps({k: round(v, 2) for k, v in run['stages'].items()})}, peak "
+                     f"{run['peak_gb']:.1f} GB" + (f"; DiT projected {full['projected_dit_s']:.1f} s vs measured "
+                                                 f"{full['measured_dit_s']:.1f} s ({full['projection_error']:+.1%}); "
+                                                 f"video projected {full['projected_video_s']:.1f} s vs measured "
+                                                 f"{run['total_s']:.1f} s ({full['video_projection_error']:+.1%})"
+                                                 if "projection_error" in full else ""))
+        if len(full["runs"]) > 1:
+            lines.append("repeat: " + ", ".join(f"{r['total_s']:.1f} s / {r['peak_gb']:.1f} GB" for r in full["runs"]))
+    elif full:
+        lines.append(f"\nfull generation: {full['error']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
