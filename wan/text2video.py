@@ -35,7 +35,15 @@ class StageTimer:
     """Wall-clock seconds per named stage, synchronising the device only at stage boundaries."""
 
     def __init__(self, device: torch.device):
-        self.device, self.times = device, {}
+        self.device, self.times, self._open = device, {}, {}
+
+    def start(self, name: str) -> None:
+        self._sync()
+        self._open[name] = time.perf_counter()
+
+    def stop(self, name: str) -> None:
+        self._sync()
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - self._open.pop(name)
 
     @contextmanager
     def __call__(self, name: str):
@@ -55,10 +63,13 @@ class StageTimer:
 class WanT2V:
     def __init__(self, config: TaskConfig, checkpoint_dir, device_id: int = 0, rank: int = 0, t5_fsdp: bool = False,
                  dit_fsdp: bool = False, use_sp: bool = False, t5_cpu: bool = False, init_on_cpu: bool = True,
-                 convert_model_dtype: bool = False, device=None, options: RuntimeOptions | None = None):
+                 convert_model_dtype: bool = False, device=None, options: RuntimeOptions | None = None,
+                 components: dict | None = None):
         """Same arguments as the reference; `device` (default cuda:device_id, else CPU) and `options` are ours.
 
         The reference's boolean arguments are folded into `options` (an explicit True in either wins).
+        `components` (text_encoder, vae, low_noise_model, high_noise_model) skips loading from checkpoint_dir:
+        benchmarks pass random full-size models built on the GPU.
         """
         self.config, self.rank = config, rank
         opts = options or RuntimeOptions()
@@ -80,19 +91,44 @@ class WanT2V:
         self.num_train_timesteps, self.boundary = config.num_train_timesteps, config.boundary
         self.vae_stride, self.patch_size = config.vae_stride, config.patch_size
         self.sample_neg_prompt = config.sample_neg_prompt
-        ckpt = Path(checkpoint_dir)
-        check_checkpoint_dir(config, ckpt)
-
         t0 = time.perf_counter()
-        self.text_encoder = T5EncoderModel(
-            text_len=config.text_len, dtype=config.t5_dtype, device=torch.device("cpu"),
-            checkpoint_path=str(ckpt / config.t5_checkpoint), tokenizer_path=str(ckpt / config.t5_tokenizer))
-        self.vae = Wan2_1_VAE(vae_pth=str(ckpt / config.vae_checkpoint), device=self.device)
-        # Experts load straight onto the GPU when they stay resident; onto the CPU when offloading (as the reference).
         dit_dtype = config.param_dtype if self.options.convert_model_dtype else None
-        load_dev = torch.device("cpu") if self.offload_model else self.device
-        self.low_noise_model = WanModel.from_pretrained(ckpt, config.low_noise_checkpoint, dit_dtype, load_dev)
-        self.high_noise_model = WanModel.from_pretrained(ckpt, config.high_noise_checkpoint, dit_dtype, load_dev)
+        # FSDP shards from host RAM (each rank keeps only its shard on the GPU), as the reference
+        fsdp = self.options.dit_fsdp and self.world_size > 1
+        load_dev = torch.device("cpu") if self.offload_model or fsdp else self.device
+        if components is not None:
+            self.text_encoder, self.vae = components["text_encoder"], components["vae"]
+            self.low_noise_model, self.high_noise_model = components["low_noise_model"], components["high_noise_model"]
+        else:
+            ckpt = Path(checkpoint_dir)
+            check_checkpoint_dir(config, ckpt)
+            self.text_encoder = T5EncoderModel(
+                text_len=config.text_len, dtype=config.t5_dtype, device=torch.device("cpu"),
+                checkpoint_path=str(ckpt / config.t5_checkpoint), tokenizer_path=str(ckpt / config.t5_tokenizer))
+            self.vae = Wan2_1_VAE(vae_pth=str(ckpt / config.vae_checkpoint), device=self.device)
+            # Experts load straight onto the GPU when they stay resident; onto the CPU when offloading (reference).
+            self.low_noise_model = WanModel.from_pretrained(ckpt, config.low_noise_checkpoint, dit_dtype, load_dev)
+            self.high_noise_model = WanModel.from_pretrained(ckpt, config.high_noise_checkpoint, dit_dtype, load_dev)
+        self.cfg_group, self.cfg_rank, self.sp_group = None, 0, None
+        if self.world_size > 1:  # multi-rank layout (reference section 8); SP itself is applied in apply_options
+            from .distributed.fsdp import shard_model, shard_t5
+            from .distributed.setup import parallel_groups
+
+            if self.use_sp and self.options.ulysses_size == 1:  # reference API: use_sp = SP over every rank
+                self.options = replace(self.options, ulysses_size=self.world_size // (1 + self.options.cfg_parallel))
+            groups = parallel_groups(self.options, self.device)  # (cfg, sp) mesh; FSDP mesh = the whole world
+            self.cfg_group, self.cfg_rank, self.sp_group = groups.cfg_group, groups.cfg_rank, groups.sp_group
+            if self.offload_model:
+                log.warning("offload_model is off with %d ranks: both experts stay resident", self.world_size)
+                self.offload_model = False
+            for model in (self.low_noise_model, self.high_noise_model):
+                if fsdp:  # per-block units, gathered in bf16 on GPUs (fp32 on CPU, where nothing runs in bf16)
+                    shard_model(model, groups.fsdp_mesh,
+                                param_dtype=self.config.param_dtype if self.device.type == "cuda" else torch.float32)
+                else:
+                    model.to(self.device)
+            if self.options.t5_fsdp:
+                self.text_encoder.model = shard_t5(self.text_encoder.model, groups.fsdp_mesh)
         self.sp_size = self.options.ulysses_size if self.use_sp else 1
         self.apply_options(self.options)
         self.load_seconds = time.perf_counter() - t0
@@ -110,6 +146,10 @@ class WanT2V:
         self.attention = resolve_attention(options.attn_backend, self.device)
         for model in (self.low_noise_model, self.high_noise_model):
             model.configure(self.attention, fast_rope=options.fast_rope, fast_time_embedding=options.fast_time_embedding)
+            if getattr(self, "sp_group", None) is not None:  # configure() reset attn.attention: wrap it again
+                from .distributed.ulysses import enable_sequence_parallel
+
+                enable_sequence_parallel(model, self.sp_group)
             from .utils.compile import compile_blocks, uncompile_blocks
 
             if options.compile:
@@ -183,35 +223,9 @@ class WanT2V:
         with timer("text_encode"):
             context, context_null = self._encode_text(input_prompt, n_prompt)
         noise = torch.randn(*target_shape, dtype=torch.float32, device=self.device, generator=seed_g)
-        scheduler, timesteps = build_scheduler(sample_solver, sampling_steps, shift, self.device,
-                                               self.num_train_timesteps)
-        scheduler.set_begin_index(0)  # no timestep lookup (a device sync) at the first step
-        t_host = timesteps.tolist()  # one sync here; the loop below makes none
-        boundary = self.boundary * self.num_train_timesteps
-        log.info("seed %d, %d steps (%d high-noise, %d low-noise), seq_len %d, guide %s, batched_cfg=%s",
-                 seed, len(t_host), sum(t >= boundary for t in t_host), sum(t < boundary for t in t_host),
-                 seq_len, guide, self.options.batched_cfg)
-
-        latent = noise
-        autocast = torch.autocast(self.device.type, dtype=self.config.param_dtype, enabled=self.device.type == "cuda")
-        bar = tqdm(t_host, desc="denoise", unit="step", disable=self.rank != 0)
-        current = None
-        self.expert_trace = []
-        with autocast:
-            for i, t in enumerate(bar):
-                expert = "high" if t >= boundary else "low"
-                if expert != current:
-                    with timer("expert_switch"):
-                        model = self._model_for(t)
-                    current = expert
-                self.expert_trace.append(expert)
-                g = guide[1] if expert == "high" else guide[0]
-                t_dev = timesteps[i:i + 1]
-                with timer(f"dit_{expert}"):
-                    noise_pred = self._guided_prediction(model, latent, t_dev, context, context_null, seq_len, g)
-                    latent = scheduler.step(noise_pred.unsqueeze(0), t, latent.unsqueeze(0), return_dict=False)[0]
-                    latent = latent.squeeze(0)
-                bar.set_postfix(expert=expert, t=t)
+        log.info("seed %d, seq_len %d, guide %s", seed, seq_len, guide)
+        latent = self.sample(noise, context, context_null, seq_len, sample_solver, sampling_steps, shift, guide,
+                             timer=timer)
         if self.offload_model and self.device.type == "cuda":
             self.low_noise_model.cpu()
             self.high_noise_model.cpu()
@@ -227,8 +241,54 @@ class WanT2V:
         log.info("stage seconds: %s", {k: round(v, 2) for k, v in timer.times.items()})
         return (video, latent) if return_latents else video
 
+    def sample(self, noise, context, context_null, seq_len: int, sample_solver: str, sampling_steps: int,
+               shift: float, guide: tuple[float, float], timer: StageTimer | None = None, max_steps: int | None = None,
+               step_callback=None) -> torch.Tensor:
+        """The denoising loop: noise [C, F, H, W] -> latent. No host sync inside the loop except at the (single)
+        expert switch; `max_steps` stops early and `step_callback(i, t, expert)` runs after each step (benchmarks)."""
+        timer = timer or StageTimer(self.device)
+        scheduler, timesteps = build_scheduler(sample_solver, sampling_steps, shift, self.device,
+                                               self.num_train_timesteps)
+        scheduler.set_begin_index(0)  # no timestep lookup (a device sync) at the first step
+        t_host = timesteps.tolist()[:max_steps]  # one sync here
+        boundary = self.boundary * self.num_train_timesteps
+        log.info("%d steps (%d high-noise, %d low-noise), batched_cfg=%s", len(t_host),
+                 sum(t >= boundary for t in t_host), sum(t < boundary for t in t_host), self.options.batched_cfg)
+        latent, current, model = noise, None, None
+        self.expert_trace = []
+        autocast = torch.autocast(self.device.type, dtype=self.config.param_dtype, enabled=self.device.type == "cuda")
+        bar = tqdm(t_host, desc="denoise", unit="step", disable=self.rank != 0)
+        with autocast:
+            for i, t in enumerate(bar):
+                expert = "high" if t >= boundary else "low"
+                if expert != current:  # once per generation: time each expert's segment as one stage
+                    if current is not None:
+                        timer.stop(f"dit_{current}")
+                    with timer("expert_switch"):
+                        model = self._model_for(t)
+                    timer.start(f"dit_{expert}")
+                    current = expert
+                self.expert_trace.append(expert)
+                g = guide[1] if expert == "high" else guide[0]
+                noise_pred = self._guided_prediction(model, latent, timesteps[i:i + 1], context, context_null,
+                                                     seq_len, g)
+                latent = scheduler.step(noise_pred.unsqueeze(0), t, latent.unsqueeze(0), return_dict=False)[0]
+                latent = latent.squeeze(0)
+                if step_callback is not None:
+                    step_callback(i, t, expert)
+                bar.set_postfix(expert=expert, t=t)
+        if current is not None:
+            timer.stop(f"dit_{current}")
+        return latent
+
     def _guided_prediction(self, model, latent, t, context, context_null, seq_len, g):
-        """uncond + g * (cond - uncond): two batch-1 forwards (reference) or one batch-2 forward (batched_cfg)."""
+        """uncond + g * (cond - uncond): two batch-1 forwards (reference) or one batch-2 forward (batched_cfg);
+        with cfg_parallel, one batch-1 forward per rank half and one all-gather."""
+        if self.options.cfg_parallel and getattr(self, "cfg_group", None) is not None:
+            from .distributed.cfg_parallel import cfg_parallel_prediction
+
+            return cfg_parallel_prediction(model, latent, t, context, context_null, seq_len, g, self.cfg_group,
+                                           self.cfg_rank)
         if self.options.batched_cfg:
             cond, uncond = model([latent, latent], t=t.expand(2), context=context + context_null, seq_len=seq_len)
         else:
