@@ -52,3 +52,14 @@ def test_prompt_over_text_len_is_truncated_with_warning(tiny_pipe, caplog):
         ctx = tiny_pipe.text_encoder([long_prompt], torch.device("cpu"))
     assert ctx[0].shape[0] == 512
     assert any("truncated" in r.message for r in caplog.records)
+
+
+def test_temporary_copy_restores_host_tensors():
+    from wan.text2video import temporary_copy
+
+    lin = torch.nn.Linear(3, 2)
+    ptr, before = lin.weight.data_ptr(), lin.weight.detach().clone()
+    with temporary_copy(lin, torch.device("cpu")) as m:
+        assert m.weight.data_ptr() != ptr and torch.equal(m.weight, before)
+        m.weight.data.add_(1)  # a copy: the host tensor is untouched
+    assert lin.weight.data_ptr() == ptr and torch.equal(lin.weight, before)

@@ -60,6 +60,20 @@ class StageTimer:
             torch.cuda.synchronize(self.device)
 
 
+@contextmanager
+def temporary_copy(module: torch.nn.Module, device: torch.device):
+    """Run `module` from a device copy of its weights, then point it back at the untouched host tensors."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    host = [t.data for t in tensors]
+    try:
+        for t in tensors:
+            t.data = t.data.to(device, non_blocking=True, copy=True)
+        yield module
+    finally:
+        for t, h in zip(tensors, host):
+            t.data = h
+
+
 class WanT2V:
     def __init__(self, config: TaskConfig, checkpoint_dir, device_id: int = 0, rank: int = 0, t5_fsdp: bool = False,
                  dit_fsdp: bool = False, use_sp: bool = False, t5_cpu: bool = False, init_on_cpu: bool = True,
@@ -183,13 +197,19 @@ class WanT2V:
             ctx = self.text_encoder([prompt], torch.device("cpu"))
             ctx_null = self.text_encoder([n_prompt], torch.device("cpu"))
             return [u.to(self.device) for u in ctx], [u.to(self.device) for u in ctx_null]
-        self.text_encoder.model.to(self.device)
-        ctx = self.text_encoder([prompt], self.device)
-        ctx_null = self.text_encoder([n_prompt], self.device)
-        # The reference keeps T5 on the GPU without offload; we also free it when both experts are resident.
-        if self.offload_model or self.device.type == "cuda":
-            self.text_encoder.model.cpu()
-        return ctx, ctx_null
+        t5 = self.text_encoder.model
+        on_host = next(t5.parameters()).device.type == "cpu"
+        if self.offload_model or not on_host or self.device.type != "cuda":
+            # The reference: up to the GPU, encode, back down (an 11 GB device-to-host copy) when offloading.
+            t5.to(self.device)
+            ctx, ctx_null = self.text_encoder([prompt], self.device), self.text_encoder([n_prompt], self.device)
+            if self.offload_model and self.device.type == "cuda":
+                t5.cpu()
+            return ctx, ctx_null
+        # Experts resident (offload_model false): the T5 must leave the GPU for memory, but its host copy is still
+        # there, so encode with a temporary GPU copy and drop it instead of copying 11 GB back.
+        with temporary_copy(t5, self.device):
+            return self.text_encoder([prompt], self.device), self.text_encoder([n_prompt], self.device)
 
     # ---- generation --------------------------------------------------------------------------------------
     @torch.no_grad()
