@@ -70,7 +70,8 @@ def random_t5(device, tiny: bool = False):
     enc = object.__new__(T5EncoderModel)  # bypass file loading; same __call__
     tok_dir = write_tiny_tokenizer(str(Path(tempfile.mkdtemp()) / "tok"))
     enc.text_len, enc.dtype, enc.device = 512, torch.bfloat16, torch.device(device)
-    enc.model = model.eval().requires_grad_(False)
+    # The pipeline keeps T5 in host memory between prompts (as after loading the official .pth): mirror that.
+    enc.model = model.eval().requires_grad_(False).cpu()
     enc.tokenizer = HuggingfaceTokenizer(name=tok_dir, seq_len=512, clean="whitespace")
     return enc
 

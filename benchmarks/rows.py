@@ -130,6 +130,7 @@ def run_stages(args):
     tiny = args.res == "tiny"
     out = dict(kind="stages", res=args.res)
     t5 = random_t5(device, tiny)
+    t5.model.to(device)
     prompt = "Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted stage."
     t5([prompt], device)  # warm
     sync(device)

@@ -1,1 +1,14 @@
-"""Wan 2.2 text-to-video (T2V-A14B): a faithful, fast re-implementation."""
+"""Wan 2.2 text-to-video (T2V-A14B): a faithful, fast re-implementation.
+
+`wan.WanT2V` is the pipeline, as in the reference (imported lazily, so `import wan` stays light).
+"""
+
+__all__ = ["WanT2V"]
+
+
+def __getattr__(name):
+    if name == "WanT2V":
+        from .text2video import WanT2V
+
+        return WanT2V
+    raise AttributeError(f"module 'wan' has no attribute {name!r}")

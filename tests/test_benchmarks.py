@@ -1,0 +1,55 @@
+"""The benchmark tools on CPU with the tiny model: the waterfall runs end to end, the report matches the committed
+results and OPTIMIZATION.md, and the comparison tool's metrics are right."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import compare, report, waterfall
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_waterfall_tiny_cpu(tmp_path, capsys):
+    out = tmp_path / "wf.json"
+    code = waterfall.main(["--res", "tiny", "--frame_num", "5", "--rows", "0,3,4", "--original_attn", "sdpa",
+                           "--stages", "--out", str(out), "--deadline", "300"])
+    assert code == 0
+    rec = json.loads(out.read_text())
+    rows = rec["rows"]
+    assert [r["label"] for r in rows] == [waterfall.WATERFALL[i][0] for i in (0, 3, 4)]
+    assert all("error" not in r for r in rows), rows
+    # cumulative options, and the fast rows really ran the fast paths
+    assert rows[2]["options"]["fast_rope"] and rows[2]["options"]["fast_time_embedding"]
+    assert rows[2]["rope"].startswith("fast") and rows[0]["rope"].startswith("reference")
+    # same seed, same weights: the exact switches change the prediction only by fp32 rounding on CPU
+    assert rows[2]["pred_rel_diff"] < 1e-5
+    proj = rows[0]["projection"]
+    assert math.isclose(proj["dit_s"], 40 * rows[0]["per_step_s"])
+    assert math.isclose(proj["video_s"], proj["dit_s"] + proj["text_s"] + proj["vae_s"] + proj["offload_s"])
+    assert proj["offload_s"] > 0 and rows[1]["projection"]["offload_s"] == 0  # row 3 has experts resident
+    assert "| original path" in capsys.readouterr().out
+
+
+def test_report_reproduces_optimization_md():
+    assert report.main(["--check", str(ROOT / "OPTIMIZATION.md")]) == 0
+
+
+def test_compare_metrics(tmp_path):
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, size=(3, 32, 48, 3), dtype=np.uint8)
+    same = compare.compare_videos(a, a)
+    assert same["max_abs_diff"] == 0 and same["ssim_min"] == pytest.approx(1.0) and math.isinf(same["psnr_min_db"])
+    b = np.clip(a.astype(int) + 2, 0, 255).astype(np.uint8)
+    r = compare.compare_videos(a, b)
+    mse = ((a.astype(float) - b.astype(float)) ** 2).reshape(3, -1).mean(1)
+    assert r["psnr_min_db"] == pytest.approx(float((10 * np.log10(255**2 / mse)).min()))
+    assert 0.9 < r["ssim_mean"] < 1.0
+    torch.save({"latent": torch.ones(4)}, tmp_path / "a.pt")
+    torch.save(torch.ones(4) * 1.5, tmp_path / "b.pt")
+    t = compare.compare_tensors(compare.load_tensor(str(tmp_path / "a.pt")), compare.load_tensor(str(tmp_path / "b.pt")))
+    assert t["max_abs_diff"] == pytest.approx(0.5) and t["rel_l2_diff"] == pytest.approx(1 / 3)
+    assert compare.main([str(tmp_path / "a.pt"), str(tmp_path / "x.mp4")]) == 2
