@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     from wan.distributed.setup import init_distributed
     from wan.text2video import WanT2V
 
+    if args.fast:
+        log.info("--fast turned on: %s", ", ".join(f"{k}={v}" for k, v in args.options.changed().items()))
     dist = init_distributed(args.options, args.device)
     if args.task == "t2v-tiny":
         from wan.tiny import ensure_tiny_checkpoint

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -55,6 +56,7 @@ def run_row(args):
     pipe.offload_model = False  # transfers are measured by `stages`; here the DiT alone
     build_s = time.perf_counter() - t0
     noise, ctx, ctx_null, seq_len = inputs(args.res, device, args.frame_num)
+    seq_len = -(-seq_len // pipe.sp_size) * pipe.sp_size  # a multiple of the Ulysses degree, as generate() does
     preds = []
     inner = pipe._guided_prediction
 
@@ -93,6 +95,7 @@ def run_row(args):
                   tflops=model.estimate_flops(seq_len) / (per_step / 2) / 1e12,
                   peak_gb=peak_gb(device), resident_experts=1 if pipe.low_noise_model is pipe.high_noise_model else 2,
                   backend=pipe.attention.name, rope=model.rope.name, build_s=build_s, warmup_s=warmup_s,
+                  world_size=pipe.world_size,
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     if args.save:
         torch.save({"latent": latent.float().cpu(), "pred": preds[0].float().cpu()}, args.save)
@@ -258,10 +261,21 @@ def main(argv=None):
     p.add_argument("--transfers", action="store_true", help="also time expert CPU<->GPU moves (stages)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    dist = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: multi-GPU rows (Ulysses / CFG parallel)
+        from wan.distributed.setup import init_distributed
+
+        dist = init_distributed(RuntimeOptions(**json.loads(args.options)), args.device)
+        args.device = str(dist.device)
     fn = dict(row=run_row, stages=run_stages, peer=run_peer, full=run_full)[args.what]
-    with torch.no_grad():
-        result = fn(args)
-    print("RESULT " + json.dumps(result), flush=True)
+    try:
+        with torch.no_grad():
+            result = fn(args)
+    finally:
+        if dist is not None:
+            dist.shutdown()
+    if dist is None or dist.rank == 0:
+        print("RESULT " + json.dumps(result), flush=True)
     return 0
 
 

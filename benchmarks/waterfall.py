@@ -38,9 +38,12 @@ DERIVED = {"+ offload_model false (experts resident)"}
 STEPS, HIGH_STEPS = 40, 26
 
 
-def run_child(args: list[str], timeout: float) -> dict:
-    """Run `python -m benchmarks.rows ...` in a fresh process; return its RESULT json or an error record."""
-    cmd = [sys.executable, "-m", "benchmarks.rows", *args]
+def run_child(args: list[str], timeout: float, nproc: int = 1) -> dict:
+    """Run `python -m benchmarks.rows ...` in a fresh process (under torchrun when nproc > 1); return its RESULT
+    json or an error record."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    cmd = [*launcher, "-m", "benchmarks.rows", *args]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(timeout, 1))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import compare, report, waterfall
+from benchmarks import compare, report, scaling, waterfall
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,3 +53,15 @@ def test_compare_metrics(tmp_path):
     t = compare.compare_tensors(compare.load_tensor(str(tmp_path / "a.pt")), compare.load_tensor(str(tmp_path / "b.pt")))
     assert t["max_abs_diff"] == pytest.approx(0.5) and t["rel_l2_diff"] == pytest.approx(1 / 3)
     assert compare.main([str(tmp_path / "a.pt"), str(tmp_path / "x.mp4")]) == 2
+
+
+def test_scaling_two_processes_cpu(tmp_path):
+    out = tmp_path / "scaling.json"
+    opts = json.dumps({"offload_model": False, "fast_rope": True, "fast_time_embedding": True})
+    assert scaling.main(["--res", "tiny", "--frame_num", "5", "--nproc", "1,2", "--options", opts,
+                         "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert all("error" not in r for r in rows), rows
+    assert [r["world_size"] for r in rows] == [1, 2] and rows[1]["options"]["ulysses_size"] == 2
+    assert rows[1]["pred_rel_diff"] < 1e-5  # Ulysses on 2 ranks computes the single-process prediction
+    assert scaling.options_for(4, "cfg", {})["ulysses_size"] == 2

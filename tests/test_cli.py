@@ -81,3 +81,9 @@ def test_tiny_generate_writes_playable_mp4(tmp_path, capsys):
     frames, secs = imageio_ffmpeg.count_frames_and_secs(str(out))
     assert (frames, round(secs, 2)) == (9, 0.56)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp.mp4")]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_asked_but_absent(capsys, tmp_path):
+    code, err = run(["--task", "t2v-tiny", "--device", "cuda", "--save_file", str(tmp_path / "o.mp4")], capsys)
+    assert code == 2 and "CUDA is not available" in err and "\n" not in err
