@@ -12,6 +12,7 @@ import torch
 
 from wan.modules.model import WanModel
 from wan.tiny import TINY_DIT
+from wan.utils.random_init import randomize_weights_on_device_
 
 # The T2V-A14B expert (config.json of high_noise_model/ and low_noise_model/).
 A14B_DIT = dict(model_type="t2v", dim=5120, ffn_dim=13824, freq_dim=256, in_dim=16, out_dim=16, num_heads=40,
@@ -24,20 +25,7 @@ def random_expert(device, dtype: torch.dtype, seed: int = 0, tiny: bool = False)
     """One expert on `device` with seeded N(0, 1/fan_in) matrices, drawn in fp32 per tensor, stored in `dtype`."""
     with torch.device("meta"):
         model = WanModel(**(TINY_DIT if tiny else A14B_DIT))
-    model = model.to_empty(device=device).to(dtype)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        tmp = torch.empty(p.shape, device=device, dtype=torch.float32)
-        if p.dim() >= 2 and "modulation" not in name:
-            tmp.normal_(0.0, p[0].numel() ** -0.5, generator=gen)
-        elif "modulation" in name:
-            tmp.normal_(0.0, p.shape[-1] ** -0.5, generator=gen)
-        elif name.endswith("bias"):
-            tmp.normal_(0.0, 0.02, generator=gen)
-        else:  # norm weights
-            tmp.normal_(1.0, 0.1, generator=gen)
-        p.copy_(tmp)
-        del tmp
+    model = randomize_weights_on_device_(model.to_empty(device=device).to(dtype), seed)
     return model.configure().eval().requires_grad_(False)
 
 

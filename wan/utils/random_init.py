@@ -36,17 +36,23 @@ def randomize_weights_(model: nn.Module, seed: int = 0, residual_scale: float = 
 
 
 @torch.no_grad()
-def randomize_weights_fast_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Same distributions drawn directly on the parameters' device (for 14B models on a GPU: seconds, not minutes)."""
+def randomize_weights_on_device_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """The same distributions drawn on the parameters' device (14B models on a GPU: seconds, not minutes).
+
+    Each tensor is drawn in fp32 and then cast, so bf16 and fp32 copies of a model hold the same values.
+    """
     dev = next(model.parameters()).device
     gen = torch.Generator(device=dev).manual_seed(seed)
     for name, p in model.named_parameters():
+        tmp = torch.empty(p.shape, device=dev, dtype=torch.float32)
         if p.dim() >= 2 and "modulation" not in name:
-            p.normal_(0.0, p[0].numel() ** -0.5, generator=gen)
+            tmp.normal_(0.0, p[0].numel() ** -0.5, generator=gen)
         elif "modulation" in name:
-            p.normal_(0.0, p.shape[-1] ** -0.5, generator=gen)
+            tmp.normal_(0.0, p.shape[-1] ** -0.5, generator=gen)
         elif name.endswith("bias"):
-            p.normal_(0.0, 0.02, generator=gen)
-        else:
-            p.normal_(1.0, 0.1, generator=gen)
+            tmp.normal_(0.0, 0.02, generator=gen)
+        else:  # norm weights
+            tmp.normal_(1.0, 0.1, generator=gen)
+        p.copy_(tmp)
+        del tmp
     return model
