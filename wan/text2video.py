@@ -26,6 +26,7 @@ from .modules.model import WanModel
 from .modules.t5 import T5EncoderModel
 from .modules.vae import Wan2_1_VAE
 from .options import RuntimeOptions
+from .utils.compile import compile_blocks, uncompile_blocks
 from .utils.schedulers import build_scheduler
 
 log = logging.getLogger("wan")
@@ -164,8 +165,6 @@ class WanT2V:
                 from .distributed.ulysses import enable_sequence_parallel
 
                 enable_sequence_parallel(model, self.sp_group)
-            from .utils.compile import compile_blocks, uncompile_blocks
-
             if options.compile:
                 compile_blocks(model, options.compile_mode)
             else:

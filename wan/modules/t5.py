@@ -43,24 +43,24 @@ _BLOCK_INV = {v: k for k, v in _BLOCK_KEYS.items()}
 _TIED_KEY = "encoder.embed_tokens.weight"
 
 
+def _translate(key: str, top: dict, block: dict, src: str, dst: str, what: str) -> str:
+    """Map a top-level key through `top`, or `<src>.N.<rest>` to `<dst>.N.<block[rest]>`; KeyError otherwise."""
+    if key in top:
+        return top[key]
+    m = re.fullmatch(rf"{re.escape(src)}\.(\d+)\.(.+)", key)
+    if m and m[2] in block:
+        return f"{dst}.{m[1]}.{block[m[2]]}"
+    raise KeyError(f"not a {what}: {key}")
+
+
 def map_wan_t5_key(key: str) -> str:
     """Official Wan T5 key -> UMT5EncoderModel key; KeyError for a key outside the layout."""
-    if key in _TOP_KEYS:
-        return _TOP_KEYS[key]
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
-    if m and m[2] in _BLOCK_KEYS:
-        return f"encoder.block.{m[1]}.{_BLOCK_KEYS[m[2]]}"
-    raise KeyError(f"not a Wan umt5 encoder key: {key}")
+    return _translate(key, _TOP_KEYS, _BLOCK_KEYS, "blocks", "encoder.block", "Wan umt5 encoder key")
 
 
 def map_umt5_key_to_wan(key: str) -> str:
     """Inverse of map_wan_t5_key (the tied encoder.embed_tokens.weight has no Wan key: KeyError)."""
-    if key in _TOP_INV:
-        return _TOP_INV[key]
-    m = re.fullmatch(r"encoder\.block\.(\d+)\.(.+)", key)
-    if m and m[2] in _BLOCK_INV:
-        return f"blocks.{m[1]}.{_BLOCK_INV[m[2]]}"
-    raise KeyError(f"not a UMT5EncoderModel key with a Wan name: {key}")
+    return _translate(key, _TOP_INV, _BLOCK_INV, "encoder.block", "blocks", "UMT5EncoderModel key with a Wan name")
 
 
 def umt5_to_wan_state_dict(state_dict: dict) -> dict:

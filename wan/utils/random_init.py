@@ -9,29 +9,26 @@ import torch
 import torch.nn as nn
 
 
-@torch.no_grad()
-def randomize_weights_(model: nn.Module, seed: int = 0, residual_scale: float = 1.0) -> nn.Module:
-    """Re-draw every parameter in place (works on any device, including after `to_empty`).
+def _distribution(name: str, p: torch.Tensor) -> tuple[float, float]:
+    """(mean, std) of a parameter: matrices N(0, 1/fan_in); modulation tables N(0, 1/sqrt(d));
+    biases N(0, 0.02); norm weights 1 + N(0, 0.1)."""
+    if "modulation" in name:
+        return 0.0, p.shape[-1] ** -0.5
+    if p.dim() >= 2:
+        return 0.0, p[0].numel() ** -0.5
+    if name.endswith("bias"):
+        return 0.0, 0.02
+    return 1.0, 0.1
 
-    Matrices ~ N(0, 1/fan_in); biases ~ N(0, 0.02); norm weights ~ 1 + N(0, 0.1); modulation tables ~ N(0, 1/sqrt(d)).
-    `residual_scale` shrinks the output projections of residual branches so deep stacks stay stable.
-    """
+
+@torch.no_grad()
+def randomize_weights_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Re-draw every parameter in place from one seeded CPU stream (values independent of the device)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for name, p in model.named_parameters():
-        # draw on CPU from one seeded stream (device-independent values), then copy
-        if p.dim() >= 2 and "modulation" not in name:
-            fan_in = p[0].numel()
-            std = fan_in ** -0.5
-            if name.endswith((".o.weight", "ffn.2.weight")):
-                std *= residual_scale
-            vals = torch.randn(p.shape, generator=gen) * std
-        elif "modulation" in name:
-            vals = torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5
-        elif name.endswith("bias"):
-            vals = torch.randn(p.shape, generator=gen) * 0.02
-        else:  # norm weights
-            vals = 1 + 0.1 * torch.randn(p.shape, generator=gen)
-        p.copy_(vals.to(p.dtype))
+        mean, std = _distribution(name, p)
+        vals = torch.randn(p.shape, generator=gen) * std
+        p.copy_((vals + mean if mean else vals).to(p.dtype))
     return model
 
 
@@ -44,15 +41,6 @@ def randomize_weights_on_device_(model: nn.Module, seed: int = 0) -> nn.Module:
     dev = next(model.parameters()).device
     gen = torch.Generator(device=dev).manual_seed(seed)
     for name, p in model.named_parameters():
-        tmp = torch.empty(p.shape, device=dev, dtype=torch.float32)
-        if p.dim() >= 2 and "modulation" not in name:
-            tmp.normal_(0.0, p[0].numel() ** -0.5, generator=gen)
-        elif "modulation" in name:
-            tmp.normal_(0.0, p.shape[-1] ** -0.5, generator=gen)
-        elif name.endswith("bias"):
-            tmp.normal_(0.0, 0.02, generator=gen)
-        else:  # norm weights
-            tmp.normal_(1.0, 0.1, generator=gen)
-        p.copy_(tmp)
-        del tmp
+        mean, std = _distribution(name, p)
+        p.copy_(torch.empty(p.shape, device=dev, dtype=torch.float32).normal_(mean, std, generator=gen))
     return model
