@@ -10,13 +10,10 @@ from pathlib import Path
 
 import torch
 
+from wan.configs.model_config import A14B, TINY
 from wan.modules.model import WanModel
-from wan.tiny import TINY_DIT
-from wan.utils.random_init import randomize_weights_on_device_
+from wan.testing.random_init import randomize_weights_on_device_
 
-# The T2V-A14B expert (config.json of high_noise_model/ and low_noise_model/).
-A14B_DIT = dict(model_type="t2v", dim=5120, ffn_dim=13824, freq_dim=256, in_dim=16, out_dim=16, num_heads=40,
-                num_layers=40, text_len=512, eps=1e-6)
 RESOLUTIONS = {"480p": (832, 480), "720p": (1280, 720), "tiny": (64, 64)}
 
 
@@ -24,7 +21,7 @@ RESOLUTIONS = {"480p": (832, 480), "720p": (1280, 720), "tiny": (64, 64)}
 def random_expert(device, dtype: torch.dtype, seed: int = 0, tiny: bool = False) -> WanModel:
     """One expert on `device` with seeded N(0, 1/fan_in) matrices, drawn in fp32 per tensor, stored in `dtype`."""
     with torch.device("meta"):
-        model = WanModel(**(TINY_DIT if tiny else A14B_DIT))
+        model = WanModel.from_config(TINY if tiny else A14B)
     model = randomize_weights_on_device_(model.to_empty(device=device).to(dtype), seed)
     return model.configure().eval().requires_grad_(False)
 
@@ -36,7 +33,7 @@ def random_t5(device, tiny: bool = False):
 
     from wan.modules.t5 import T5EncoderModel
     from wan.modules.tokenizers import HuggingfaceTokenizer
-    from wan.tiny_t5 import write_tiny_tokenizer
+    from wan.testing.tiny_t5 import write_tiny_tokenizer
 
     cfg = UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_heads=64, num_layers=24,
                      relative_attention_num_buckets=32, relative_attention_max_distance=128,
@@ -47,13 +44,7 @@ def random_t5(device, tiny: bool = False):
     cfg._attn_implementation = "sdpa"
     with torch.device("meta"):
         model = UMT5EncoderModel(cfg)
-    model = model.to_empty(device=device).to(torch.bfloat16)
-    gen = torch.Generator(device=device).manual_seed(7)
-    for name, p in model.named_parameters():
-        if "layer_norm" in name:
-            p.normal_(1.0, 0.1, generator=gen)
-        else:
-            p.normal_(0.0, (p.shape[-1] if p.dim() == 2 else 1) ** -0.5, generator=gen)
+    model = randomize_weights_on_device_(model.to_empty(device=device).to(torch.bfloat16), seed=7)
     model.tie_weights()  # encoder.embed_tokens shares shared.weight
     enc = object.__new__(T5EncoderModel)  # bypass file loading; same __call__
     tok_dir = write_tiny_tokenizer(str(Path(tempfile.mkdtemp()) / "tok"))
@@ -64,25 +55,27 @@ def random_t5(device, tiny: bool = False):
     return enc
 
 
-def random_vae(device, tiny: bool = False):
+def random_vae(device, tiny: bool = False, dtype: torch.dtype = torch.float32):
     """The Wan 2.1 VAE (base_dim 96; 8 when tiny) with seeded random weights, through the real loader."""
     from wan.modules.vae import Wan2_1_VAE
-    from wan.tiny_vae import write_tiny_vae_checkpoint
+    from wan.testing.tiny_vae import write_tiny_vae_checkpoint
 
     path = Path(tempfile.mkdtemp()) / "Wan2.1_VAE.pth"
     write_tiny_vae_checkpoint(str(path), seed=5, base_dim=8 if tiny else 96)
-    return Wan2_1_VAE(vae_pth=str(path), device=device)
+    return Wan2_1_VAE(vae_pth=str(path), dtype=dtype, device=device)
 
 
-def random_pipeline(options, device, tiny: bool = False, n_experts: int = 2, with_text: bool = True):
-    """WanT2V over random models. n_experts=1 shares one expert for both noise levels (for per-forward timing)."""
+def random_pipeline(options, device, tiny: bool = False, n_experts: int = 2, with_text: bool = True, **lora):
+    """WanT2V over random models. n_experts=1 shares one expert for both noise levels (for per-forward timing).
+    `lora` (lora_high=, lora_low=, lora_strength=) is merged into the experts as the real loader would."""
     from wan.configs import WAN_CONFIGS
-    from wan.text2video import WanT2V
+    from wan.text2video import VAE_DTYPES, WanT2V
 
     dtype = torch.bfloat16 if options.convert_model_dtype and torch.device(device).type == "cuda" else torch.float32
     high = random_expert(device, dtype, seed=0, tiny=tiny)
-    low = high if n_experts == 1 else random_expert(device, dtype, seed=0, tiny=tiny)
+    low = high if n_experts == 1 else random_expert(device, dtype, seed=1, tiny=tiny)
     comps = dict(text_encoder=random_t5(device, tiny) if with_text else None,
-                 vae=random_vae(device, tiny) if with_text else None, low_noise_model=low, high_noise_model=high)
+                 vae=random_vae(device, tiny, VAE_DTYPES[options.vae_dtype]) if with_text else None,
+                 low_noise_model=low, high_noise_model=high)
     cfg = WAN_CONFIGS["t2v-tiny" if tiny else "t2v-A14B"]
-    return WanT2V(cfg, None, device=device, options=options, components=comps)
+    return WanT2V(cfg, None, device=device, options=options, components=comps, **lora)

@@ -13,7 +13,9 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -26,6 +28,26 @@ CTX_LENS = (40, 126)  # token counts of the example prompt and of the default ne
 def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def gpu_state(device) -> dict:
+    """SM clock (MHz), power (W) and temperature (C) now, from nvidia-smi (empty on CPU or without it)."""
+    if torch.device(device).type != "cuda":
+        return {}
+    import subprocess
+
+    idx = torch.device(device).index or 0
+    try:
+        out = subprocess.run(["nvidia-smi", f"--id={idx}", "--query-gpu=clocks.sm,power.draw,temperature.gpu",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10).stdout
+        clock, power, temp = (float(v) for v in out.strip().split(","))
+        return {"sm_clock_mhz": clock, "power_w": power, "temp_c": temp}
+    except Exception:  # noqa: BLE001 - logging only
+        return {}
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
 def geometry(res: str, frame_num: int = 81):
@@ -43,82 +65,86 @@ def inputs(res, device, frame_num=81):
     return noise, [ctx[0]], [ctx[1]], seq_len
 
 
-def peak_gb(device):
-    return torch.cuda.max_memory_allocated(device) / 1e9 if torch.device(device).type == "cuda" else 0.0
+def peak_gb(device) -> dict:
+    if torch.device(device).type != "cuda":
+        return {"peak_gb": 0.0, "peak_reserved_gb": 0.0}
+    return {"peak_gb": torch.cuda.max_memory_allocated(device) / 1e9,
+            "peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 1e9}
+
+
+def reset_peak(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def run_row(args):
+    """`--steps` timed denoising steps of the real loop (median, min, max), after a warm-up step at the real
+    shape (compile, autotuning and cuDNN plans happen there), GPU clock and power after each step."""
     device = torch.device(args.device)
     opts = RuntimeOptions(**json.loads(args.options))
     t0 = time.perf_counter()
     pipe = random_pipeline(opts, device, tiny=args.res == "tiny", n_experts=1 if opts.offload_model is not False else 2,
                            with_text=False)
-    pipe.offload_model = False  # transfers are measured by `stages`; here the DiT alone
     build_s = time.perf_counter() - t0
     noise, ctx, ctx_null, seq_len = inputs(args.res, device, args.frame_num)
     seq_len = -(-seq_len // pipe.sp_size) * pipe.sp_size  # a multiple of the Ulysses degree, as generate() does
-    preds = []
-    inner = pipe._guided_prediction
-
-    def keep_prediction(*a, **k):  # instrumentation: the guided noise prediction of each step
-        out = inner(*a, **k)
-        preds.append(out)
-        return out
-
-    pipe._guided_prediction = keep_prediction
+    guide = (1.0, 1.0) if args.guidance_one else (3.0, 4.0)
     run = dict(context=ctx, context_null=ctx_null, seq_len=seq_len, sample_solver="unipc", sampling_steps=40,
-               shift=12.0, guide=(3.0, 4.0))
-    # Warm-up: compiled rows need the real shape (that is the compile); eager rows only a small one.
+               shift=12.0, guide=guide)
     t0 = time.perf_counter()
-    if opts.compile:
-        pipe.sample(noise, max_steps=1, **run)
-    else:
-        small = torch.randn(16, 1, 8, 8, device=device)
-        pipe.sample(small, **{**run, "seq_len": 16}, max_steps=1)
+    pipe.sample(noise, max_steps=1, **run)  # warm-up at the real shape
     sync(device)
     warmup_s = time.perf_counter() - t0
-    preds.clear()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    stamps = [time.perf_counter()]
+    reset_peak(device)
+    stamps, preds, gpu = [time.perf_counter()], [], []
 
-    def on_step(i, t, expert):
+    def on_step(i, t, expert, pred):
         sync(device)
         stamps.append(time.perf_counter())
+        gpu.append(gpu_state(device))
+        if i == 0:
+            preds.append(pred)
 
     latent = pipe.sample(noise, max_steps=args.steps, step_callback=on_step, **run)
     step_s = [b - a for a, b in zip(stamps, stamps[1:])]
     per_step = statistics.median(step_s)
+    forwards = 1 if args.guidance_one else 2
     model = pipe.high_noise_model
     result = dict(kind="row", res=args.res, options=opts.changed(), steps_timed=len(step_s), step_s=step_s,
-                  per_step_s=per_step, per_forward_s=per_step / 2, seq_len=seq_len,
-                  tflops=model.estimate_flops(seq_len) / (per_step / 2) / 1e12,
-                  peak_gb=peak_gb(device), resident_experts=1 if pipe.low_noise_model is pipe.high_noise_model else 2,
-                  backend=pipe.attention.name, rope=model.rope.name, build_s=build_s, warmup_s=warmup_s,
-                  world_size=pipe.world_size,
+                  step_spread=spread(step_s), per_step_s=per_step, per_forward_s=per_step / forwards,
+                  forwards_per_step=forwards, seq_len=seq_len,
+                  tflops=model.estimate_flops(seq_len) / (per_step / forwards) / 1e12, **peak_gb(device),
+                  gpu=gpu, resident_experts=1 if pipe.low_noise_model is pipe.high_noise_model else 2,
+                  backends=pipe.backends(), backend=pipe.attention.name, rope=model.rope.name, build_s=build_s,
+                  warmup_s=warmup_s, world_size=pipe.world_size,
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     if args.save:
         torch.save({"latent": latent.float().cpu(), "pred": preds[0].float().cpu()}, args.save)
     if args.ref:
         ref = torch.load(args.ref, weights_only=True)
+        result["compared_with"] = Path(args.ref).name
         for key, mine in (("latent", latent), ("pred", preds[0])):
             d = (mine.float().cpu() - ref[key]).abs()
             result[f"{key}_max_abs_diff"] = d.max().item()
             result[f"{key}_mean_abs_diff"] = d.mean().item()
             result[f"{key}_rel_diff"] = (d.norm() / ref[key].norm()).item()
     if args.profile:
-        result["profile"] = profile_forward(pipe, noise, ctx, seq_len, args.profile)
+        result["profile"] = profile_forward(pipe, noise, ctx, ctx_null, seq_len, args.profile)
     return result
 
 
-def profile_forward(pipe, noise, ctx, seq_len, path):
-    """Profiler summary of one forward (top kernels by device time) written to `path`."""
+def profile_forward(pipe, noise, ctx, ctx_null, seq_len, path):
+    """Profiler summary of one steady-state step (the row's own guidance: a batch-2 forward with batched CFG),
+    after the row's warm-up and timed steps, so nothing compiles or autotunes inside the window."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if noise.is_cuda else [])
-    t = torch.tensor([999], device=noise.device)
-    with torch.autocast(noise.device.type, dtype=torch.bfloat16, enabled=noise.is_cuda), profile(activities=acts) as prof:
-        pipe.high_noise_model([noise], t=t, context=ctx, seq_len=seq_len)
+    run = dict(context=ctx, context_null=ctx_null, seq_len=seq_len, sample_solver="unipc", sampling_steps=40,
+               shift=12.0, guide=(3.0, 4.0))
+    pipe.sample(noise, max_steps=1, **run)
+    sync(noise.device)
+    with profile(activities=acts) as prof:
+        pipe.sample(noise, max_steps=1, **run)
         sync(noise.device)
     key = "self_cuda_time_total" if noise.is_cuda else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=30)
@@ -155,13 +181,12 @@ def run_stages(args):
     lat, _ = geometry(args.res, args.frame_num)
     z = torch.randn(*lat, device=device)
     vae.decode([z[:, :2]])  # warm
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak(device)
     sync(device)
     t0 = time.perf_counter()
     vae.decode([z])
     sync(device)
-    out["vae_decode_s"], out["vae_peak_gb"] = time.perf_counter() - t0, peak_gb(device)
+    out["vae_decode_s"], out["vae_peak_gb"] = time.perf_counter() - t0, peak_gb(device)["peak_gb"]
     del vae
     if args.transfers:
         for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
@@ -181,68 +206,98 @@ def run_stages(args):
 
 
 def run_peer(args):
-    """diffusers WanTransformer3DModel, same size, bf16, its default attention, random weights."""
+    """diffusers WanTransformer3DModel, same size, bf16, its default attention, our random-weight rule (norm
+    weights near 1, fan-in scaled matrices), its rotary tables built for real (non-persistent buffers stay garbage
+    after a meta build), batch 1 and batch 2, `--steps` timed forwards each after a warm-up."""
     import diffusers
     from diffusers import WanTransformer3DModel
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    from wan.testing.random_init import randomize_weights_on_device_
 
     device = torch.device(args.device)
     tiny = args.res == "tiny"
-    kw = dict(patch_size=(1, 2, 2), num_attention_heads=4 if tiny else 40, attention_head_dim=16 if tiny else 128,
-              in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=128 if tiny else 13824,
+    heads, head_dim = (4, 16) if tiny else (40, 128)
+    kw = dict(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16,
+              out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=128 if tiny else 13824,
               num_layers=2 if tiny else 40, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
               rope_max_seq_len=1024)
     with torch.device("meta"):
         model = WanTransformer3DModel(**kw)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = model.to_empty(device=device).to(dtype).eval().requires_grad_(False)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, (p[0].numel() if p.dim() >= 2 else 50) ** -0.5, generator=gen)
+    randomize_weights_on_device_(model, seed=0)
+    with torch.device(device):
+        model.rope = WanRotaryPosEmbed(head_dim, (1, 2, 2), 1024)  # real cos/sin tables
     lat, seq_len = geometry(args.res, args.frame_num)
-    x = torch.randn(1, *lat, device=device, dtype=dtype)
-    ctx = torch.randn(1, 512, 4096, device=device, dtype=dtype)
-    t = torch.tensor([999], device=device)
-    times = []
-    with torch.no_grad():
-        for _ in range(1 + args.steps):
+    out = dict(kind="peer", res=args.res, peer=f"diffusers {diffusers.__version__} WanTransformer3DModel",
+               seq_len=seq_len)
+    for batch in (1, 2):
+        x = torch.randn(batch, *lat, device=device, dtype=dtype)
+        ctx = torch.randn(batch, 512, 4096, device=device, dtype=dtype)
+        t = torch.full((batch,), 999, device=device)
+        times = []
+        with torch.no_grad():
+            model(hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False)  # warm-up
             sync(device)
-            t0 = time.perf_counter()
-            model(hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False)
-            sync(device)
-            times.append(time.perf_counter() - t0)
-    return dict(kind="peer", res=args.res, peer=f"diffusers {diffusers.__version__} WanTransformer3DModel",
-                per_forward_s=statistics.median(times[1:]), warmup_s=times[0], seq_len=seq_len,
-                peak_gb=peak_gb(device))
+            reset_peak(device)
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                model(hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False)
+                sync(device)
+                times.append(time.perf_counter() - t0)
+        out[f"batch{batch}"] = dict(forward_s=spread(times), per_sample_forward_s=statistics.median(times) / batch,
+                                    **peak_gb(device), gpu=gpu_state(device))
+        del x, ctx
+    out["per_forward_s"] = out["batch1"]["forward_s"]["median"]
+    out["peak_gb"] = out["batch1"]["peak_gb"]
+    return out
 
 
 def run_full(args):
-    """A whole generation through WanT2V.generate with both experts (random weights), stage by stage."""
+    """Whole generations through WanT2V.generate with both experts (random weights): the first (compile included)
+    and `--repeat` steady ones, stage by stage. `--lora_rank` merges random Lightning-layout LoRAs at build."""
     device = torch.device(args.device)
     opts = RuntimeOptions(**json.loads(args.options))
+    lora = {}
+    if args.lora_rank:
+        from wan.configs.model_config import A14B, TINY
+        from wan.testing.random_lora import write_random_lora_dir
+
+        folder = write_random_lora_dir(Path(tempfile.mkdtemp()) / "lora", TINY if args.res == "tiny" else A14B,
+                                       rank=args.lora_rank)
+        lora = dict(lora_dir=str(folder))
     t0 = time.perf_counter()
-    pipe = random_pipeline(opts, device, tiny=args.res == "tiny", n_experts=2, with_text=True)
+    pipe = random_pipeline(opts, device, tiny=args.res == "tiny", n_experts=2, with_text=True, **lora)
     build_s = time.perf_counter() - t0
     w, h = RESOLUTIONS[args.res]
-    warmup_s = None
-    if args.warmup:  # compile, cuDNN plans and allocator growth happen here, not in the measured runs
-        t0 = time.perf_counter()
-        pipe.generate("warm-up", size=(w, h), frame_num=args.frame_num, shift=12.0, sampling_steps=1, seed=1,
-                      offload_model=pipe.offload_model)
-        sync(device)
-        warmup_s = time.perf_counter() - t0
+    gen = dict(size=(w, h), frame_num=args.frame_num, shift=args.shift, sample_solver=args.solver,
+               sampling_steps=args.sampling_steps, guide_scale=tuple(args.guide), seed=42)
+    prompt = "Two anthropomorphic cats in comfy boxing gear fight on a spotlighted stage."
     runs = []
-    for _ in range(args.repeat):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        pipe.generate("Two anthropomorphic cats in comfy boxing gear fight on a spotlighted stage.", size=(w, h),
-                      frame_num=args.frame_num, shift=12.0, sampling_steps=args.sampling_steps, guide_scale=(3.0, 4.0),
-                      seed=42, offload_model=pipe.offload_model)
+    for i in range(1 + args.repeat):  # run 0: the first video of the process (compile, autotuning included)
+        reset_peak(device)
         sync(device)
-        runs.append(dict(total_s=time.perf_counter() - t0, stages=dict(pipe.last_timings), peak_gb=peak_gb(device)))
-    return dict(kind="full", res=args.res, options=opts.changed(), backend=pipe.attention.name, build_s=build_s,
-                warmup_s=warmup_s, sampling_steps=args.sampling_steps, runs=runs)
+        t0 = time.perf_counter()
+        video = pipe.generate(prompt, **gen)
+        sync(device)
+        res = pipe.last_result
+        runs.append(dict(total_s=time.perf_counter() - t0, stages=dict(res.timings), **peak_gb(device),
+                         expert_trace=res.expert_trace, gpu=gpu_state(device), first=i == 0))
+    steady = [r["total_s"] for r in runs[1:]] or [runs[0]["total_s"]]
+    out = dict(kind="full", res=args.res, options=opts.changed(), backends=pipe.last_result.backends,
+               build_s=build_s, load_timings=pipe.load_timings, sampling_steps=args.sampling_steps,
+               solver=args.solver, guide=args.guide, shift=args.shift, lora_rank=args.lora_rank,
+               first_video_s=runs[0]["total_s"], steady_video_s=spread(steady), runs=runs)
+    if args.save:
+        torch.save({"latent": pipe.last_result.latent.float().cpu(), "video": video.float().cpu()}, args.save)
+    if args.ref:
+        ref = torch.load(args.ref, weights_only=True)
+        out["compared_with"] = Path(args.ref).name
+        for key, mine in (("latent", pipe.last_result.latent), ("video", video)):
+            d = (mine.float().cpu() - ref[key]).abs()
+            out[f"{key}_max_abs_diff"], out[f"{key}_rel_diff"] = d.max().item(), (d.norm() / ref[key].norm()).item()
+    return out
 
 
 def main(argv=None):
@@ -251,12 +306,16 @@ def main(argv=None):
     p.add_argument("--res", default="480p", choices=list(RESOLUTIONS))
     p.add_argument("--frame_num", type=int, default=81)
     p.add_argument("--options", default="{}", help="RuntimeOptions fields as JSON")
-    p.add_argument("--steps", type=int, default=1, help="timed denoising steps (row) or timed forwards (peer)")
+    p.add_argument("--steps", type=int, default=3, help="timed denoising steps (row) or timed forwards (peer)")
+    p.add_argument("--guidance_one", action="store_true", help="row: guidance 1 (one pass per step)")
     p.add_argument("--sampling_steps", type=int, default=40, help="steps of the full generation")
-    p.add_argument("--repeat", type=int, default=1, help="generations in one process (full)")
-    p.add_argument("--warmup", action="store_true", help="a 1-step generation first, not measured (full)")
-    p.add_argument("--save", default=None, help="write the latent and first prediction here (row)")
-    p.add_argument("--ref", default=None, help="compare with a file written by --save (row)")
+    p.add_argument("--solver", default="unipc", help="full: sample_solver")
+    p.add_argument("--shift", type=float, default=12.0, help="full: flow shift")
+    p.add_argument("--guide", type=float, nargs=2, default=(3.0, 4.0), help="full: guidance (low, high)")
+    p.add_argument("--lora_rank", type=int, default=0, help="full: merge random LoRAs of this rank")
+    p.add_argument("--repeat", type=int, default=2, help="steady generations after the first (full)")
+    p.add_argument("--save", default=None, help="write the latent and first prediction / video here")
+    p.add_argument("--ref", default=None, help="compare with a file written by --save")
     p.add_argument("--profile", default=None, help="write a profiler summary of one forward here (row)")
     p.add_argument("--transfers", action="store_true", help="also time expert CPU<->GPU moves (stages)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

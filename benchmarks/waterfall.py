@@ -76,11 +76,20 @@ def projection(row: dict, opts: dict, stages: dict | None) -> dict:
 
 
 def git_commit() -> str:
+    """$GIT_COMMIT if set (a copied tree), else this checkout's HEAD (+ "-dirty"), but only when ROOT is the top of
+    its own repository: a tree copied inside another repository must not report that one's commit."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        def git(*a):
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != ROOT:
+            return "unknown"
+        return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no")
+                                                      else "")
     except Exception:  # noqa: BLE001 - a copied tree without .git
-        return os.environ.get("GIT_COMMIT", "unknown")
+        return "unknown"
 
 
 def environment() -> dict:
@@ -97,13 +106,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--res", default="480p", choices=["480p", "720p", "tiny"])
     p.add_argument("--frame_num", type=int, default=81)
-    p.add_argument("--steps", type=int, default=1, help="timed denoising steps per row")
+    p.add_argument("--steps", type=int, default=3, help="timed denoising steps per row (median reported)")
     p.add_argument("--original_attn", default="cudnn", help="attention of the original-path row (sdpa on CPU)")
     p.add_argument("--rows", default="all", help="comma-separated row indices, or all")
     p.add_argument("--stages", action="store_true", help="measure T5, VAE and offload transfers")
     p.add_argument("--peer", action="store_true", help="diffusers WanTransformer3DModel forward")
     p.add_argument("--full", action="store_true", help="one whole 40-step generation with the last row's options")
-    p.add_argument("--repeat", type=int, default=1, help="generations in the --full process (memory growth check)")
+    p.add_argument("--repeat", type=int, default=1, help="steady generations after the first in the --full process")
     p.add_argument("--profile", default=None, help="profiler summary of one forward of the last row, to this file")
     p.add_argument("--deadline", type=float, default=560, help="seconds: skip what would start after this")
     p.add_argument("--out", default=None, help="JSON result file")
@@ -153,8 +162,7 @@ def main(argv=None) -> int:
         record["peer"] = run_child([*common, "peer", "--steps", "1"], left())
         print(f"[{time.perf_counter() - t_start:6.0f} s] peer: {record['peer']}", flush=True)
     if args.full and left() > 60:
-        full = run_child([*common, "full", "--options", json.dumps(opts), "--repeat", str(args.repeat),
-                          "--warmup"], left())
+        full = run_child([*common, "full", "--options", json.dumps(opts), "--repeat", str(args.repeat)], left())
         record["full"] = full
         last = record["rows"][-1] if record["rows"] else {}
         if "error" not in full and "video_s" in last.get("projection", {}):
@@ -192,8 +200,12 @@ def markdown(record: dict) -> str:
         key = "video_s" if video is not None else "dit_s"
         speed = base["projection"][key] / r["projection"][key]
         vs_prev = prev["projection"][key] / r["projection"][key] if prev else 1.0
-        diff = (f"{r.get('pred_rel_diff', 0):.1e}", f"{r.get('latent_max_abs_diff', 0):.1e} / "
-                f"{r.get('latent_mean_abs_diff', 0):.1e}") if r is not base else ("(reference)", "(reference)")
+        if r is base:
+            diff = ("(reference)", "(reference)")
+        elif "pred_rel_diff" not in r:  # never compared with the original path: say so, never print a zero
+            diff = ("not compared", "not compared")
+        else:
+            diff = (f"{r['pred_rel_diff']:.1e}", f"{r['latent_max_abs_diff']:.1e} / {r['latent_mean_abs_diff']:.1e}")
         lines.append(f"| {r['label']} | {r['per_forward_s']:.3f} | {r['tflops']:.0f} | "
                      f"{video if video is None else round(video, 1)} | {speed:.2f} | {vs_prev:.2f} | "
                      f"{r['peak_gb']:.1f} ({r['resident_experts']} expert{'s' if r['resident_experts'] > 1 else ''}) | "

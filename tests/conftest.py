@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
-    from wan.tiny import ensure_tiny_checkpoint
+    from wan.testing.tiny import ensure_tiny_checkpoint
 
     return ensure_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from wan.modules.checkpoint import CheckpointError, save_wan_model
 from wan.modules.model import WanModel
-from wan.utils.random_init import randomize_weights_
+from wan.testing.random_init import randomize_weights_
 
 TINY = dict(dim=32, ffn_dim=48, freq_dim=16, text_dim=4096, num_heads=2, num_layers=2, text_len=12)
 

@@ -16,7 +16,7 @@ def test_pipeline_signatures():
     assert wan.WanT2V is WanT2V
     init = params(WanT2V.__init__)
     for name, default in dict(device_id=0, rank=0, t5_fsdp=False, dit_fsdp=False, use_sp=False, t5_cpu=False,
-                              init_on_cpu=True, convert_model_dtype=False).items():
+                              convert_model_dtype=False).items():
         assert init[name] == default, name
     assert list(init)[:2] == ["config", "checkpoint_dir"]
     gen = params(WanT2V.generate)
@@ -24,7 +24,7 @@ def test_pipeline_signatures():
                               "guide_scale", "n_prompt", "seed", "offload_model"]
     assert (gen["size"], gen["frame_num"], gen["shift"], gen["sample_solver"], gen["sampling_steps"],
             gen["guide_scale"], gen["n_prompt"], gen["seed"], gen["offload_model"]) == \
-        ((1280, 720), 81, 5.0, "unipc", 50, 5.0, "", -1, True)
+        ((1280, 720), 81, 5.0, "unipc", 50, 5.0, "", -1, None)  # offload_model None: the built placement
 
 
 def test_model_signatures():

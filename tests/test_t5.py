@@ -12,7 +12,7 @@ from wan.modules import t5 as t5_mod
 from wan.modules import tokenizers as tok_mod
 from wan.modules.t5 import T5EncoderModel, map_umt5_key_to_wan, map_wan_t5_key, umt5_to_wan_state_dict
 from wan.modules.tokenizers import HuggingfaceTokenizer
-from wan.tiny_t5 import TINY_T5, write_tiny_t5, write_tiny_t5_checkpoint, write_tiny_tokenizer
+from wan.testing.tiny_t5 import TINY_T5, write_tiny_t5, write_tiny_t5_checkpoint, write_tiny_tokenizer
 
 PROMPTS = ["a cat boxing", "two cats fight on a stage under bright light"]
 TEXT_LEN = 32  # > every PROMPTS length, so nothing is truncated in the numerics test

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from wan.modules.vae import WAN21_VAE_MEAN, WAN21_VAE_STD, Wan2_1_VAE
-from wan.tiny_vae import original_vae_keys, write_tiny_vae_checkpoint
+from wan.testing.tiny_vae import original_vae_keys, write_tiny_vae_checkpoint
 
 
 @pytest.fixture(scope="module")

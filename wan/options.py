@@ -1,7 +1,12 @@
-"""Runtime options: every speed switch in one frozen object. The CLI mirrors these fields one to one.
+"""Runtime options: every speed switch in one frozen object, split by lifetime. The CLI mirrors these fields 1:1.
 
-Each field defaults to the original path (the reference's behaviour). `fast_options()` turns on every switch that
-keeps the output equal to the original path within bf16 rounding; explicit settings override the preset.
+Each field defaults to the original path (the reference's behaviour) and carries its lifetime in its metadata:
+- "load": fixed when the pipeline is built (where weights live, their dtype, the parallel layout). Changing one
+  needs a new pipeline; `WanT2V.generate(options=...)` raises `LoadTimeOptionError` naming the field.
+- "call": chosen per `generate()` call (kernels, RoPE form, guidance batching, TF32, compile). A call with other
+  per-call options runs exactly as a pipeline freshly built with them would.
+`fast_options()` turns on every switch that keeps the output equal to the original path within bf16 rounding;
+explicit settings override the preset.
 """
 from __future__ import annotations
 
@@ -10,38 +15,55 @@ from dataclasses import dataclass, field, fields, replace
 from .modules.attention import BACKENDS
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
+VAE_DTYPES = ("fp32", "bf16")
+
+
+def _load(help: str, **meta):
+    return {"help": help, "lifetime": "load", **meta}
+
+
+def _call(help: str, **meta):
+    return {"help": help, "lifetime": "call", **meta}
 
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    # placement (reference flags)
-    offload_model: bool | None = field(default=None, metadata={"help": "swap experts/T5 through the CPU; "
-                                       "default True on one GPU, False with several (as the reference)"})
-    convert_model_dtype: bool = field(default=False, metadata={"help": "DiT weights in bf16 (fp32 on disk)"})
-    t5_cpu: bool = field(default=False, metadata={"help": "run the T5 text encoder on the CPU"})
-    # exact speed switches
-    attn_backend: str = field(default="auto", metadata={
-        "help": "attention kernel, resolved once at load: auto = FA3 if importable on Hopper, else cuDNN SDPA on "
-                "Hopper, else flash-attn 2, else PyTorch's default", "choices": BACKENDS})
-    batched_cfg: bool = field(default=False, metadata={"help": "conditional + unconditional pass as one batch-2 forward"})
-    tf32: bool = field(default=False, metadata={"help": "TF32 for fp32 matmuls and convolutions"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the repeated DiT block (shared by both experts)"})
-    compile_mode: str = field(default="default", metadata={"help": "torch.compile mode", "choices": COMPILE_MODES})
-    fast_time_embedding: bool = field(default=False, metadata={"help": "one time embedding per sample, not per token "
-                                      "(exact for t2v: every token has the same t)"})
-    fast_rope: bool = field(default=False, metadata={"help": "RoPE in fp32 from cached cos/sin tables "
-                                                     "(no complex128, no per-forward table building)"})
-    # multi-GPU (torchrun)
-    ulysses_size: int = field(default=1, metadata={"help": "Ulysses sequence-parallel degree"})
-    cfg_parallel: bool = field(default=False, metadata={"help": "split the two CFG passes over two halves of the world"})
-    dit_fsdp: bool = field(default=False, metadata={"help": "FSDP-shard the DiT experts"})
-    t5_fsdp: bool = field(default=False, metadata={"help": "FSDP-shard the T5 encoder"})
+    # ---- load-time: placement, weight dtypes, parallel layout (reference flags first) ----
+    offload_model: bool | None = field(default=None, metadata=_load(
+        "swap the experts (and T5) through host memory, as the reference; default: true on one GPU, false with "
+        "several or on the CPU"))
+    convert_model_dtype: bool = field(default=False, metadata=_load("DiT weights in bf16 (they are fp32 on disk)"))
+    t5_cpu: bool = field(default=False, metadata=_load("run the T5 text encoder on the CPU"))
+    vae_dtype: str = field(default="fp32", metadata=_load(
+        "VAE weights and decode dtype (the reference: fp32)", choices=VAE_DTYPES))
+    ulysses_size: int = field(default=1, metadata=_load("Ulysses sequence-parallel degree (torchrun)"))
+    cfg_parallel: bool = field(default=False, metadata=_load(
+        "the two CFG passes on two halves of the world (torchrun)"))
+    dit_fsdp: bool = field(default=False, metadata=_load("FSDP-shard the DiT experts (torchrun)"))
+    t5_fsdp: bool = field(default=False, metadata=_load("FSDP-shard the T5 encoder (torchrun)"))
+    # ---- per call: exact speed switches ----
+    attn_backend: str = field(default="auto", metadata=_call(
+        "attention kernel: auto = FA3 if importable on Hopper, else cuDNN SDPA on Hopper, else flash-attn 2, "
+        "else PyTorch's default", choices=BACKENDS))
+    batched_cfg: bool = field(default=False, metadata=_call(
+        "conditional + unconditional pass as one batch-2 forward"))
+    tf32: bool = field(default=False, metadata=_call(
+        "TF32 for fp32 matmuls (convolutions use TF32 either way, PyTorch's default); set for the call only"))
+    compile: bool = field(default=False, metadata=_call(
+        "torch.compile the repeated DiT block (shared by both experts)"))
+    compile_mode: str = field(default="default", metadata=_call("torch.compile mode", choices=COMPILE_MODES))
+    fast_time_embedding: bool = field(default=False, metadata=_call(
+        "one time embedding per sample, not per token (exact for t2v: every token has the same t)"))
+    fast_rope: bool = field(default=False, metadata=_call(
+        "RoPE in fp32 from cached cos/sin tables (no complex128, no per-forward table building)"))
 
     def __post_init__(self):
         if self.attn_backend not in BACKENDS:
             raise ValueError(f"attn_backend must be one of {', '.join(BACKENDS)}, got {self.attn_backend!r}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        if self.vae_dtype not in VAE_DTYPES:
+            raise ValueError(f"vae_dtype must be one of {', '.join(VAE_DTYPES)}, got {self.vae_dtype!r}")
         if self.ulysses_size < 1:
             raise ValueError(f"ulysses_size must be >= 1, got {self.ulysses_size}")
 
@@ -50,12 +72,37 @@ class RuntimeOptions:
         base = RuntimeOptions()
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(base, f.name)}
 
+    def load_time(self) -> dict:
+        return {name: getattr(self, name) for name in LOAD_FIELDS}
+
+    def per_call(self) -> dict:
+        return {name: getattr(self, name) for name in CALL_FIELDS}
+
+
+LOAD_FIELDS = tuple(f.name for f in fields(RuntimeOptions) if f.metadata["lifetime"] == "load")
+CALL_FIELDS = tuple(f.name for f in fields(RuntimeOptions) if f.metadata["lifetime"] == "call")
 
 # The --fast preset: all switches that keep the output equal to the original path within bf16 rounding.
-FAST_PRESET = dict(offload_model=False, convert_model_dtype=True, batched_cfg=True, tf32=True, compile=True,
-                   fast_time_embedding=True, fast_rope=True)
+FAST_PRESET = dict(offload_model=False, convert_model_dtype=True, vae_dtype="bf16", batched_cfg=True, tf32=True,
+                   compile=True, fast_time_embedding=True, fast_rope=True)
 
 
 def fast_options(base: RuntimeOptions | None = None, **explicit) -> RuntimeOptions:
     """The --fast preset on top of `base`, then `explicit` settings (which always win)."""
     return replace(base or RuntimeOptions(), **{**FAST_PRESET, **explicit})
+
+
+def check_parallel_layout(options: RuntimeOptions, world: int, num_heads: int = 40) -> None:
+    """World size must equal ulysses_size x (2 with CFG parallel); the heads must divide by ulysses_size.
+    Raises ValueError with one line that names the fix."""
+    cfg_ways = 2 if options.cfg_parallel else 1
+    if world == 1 and (options.ulysses_size > 1 or options.cfg_parallel or options.dit_fsdp or options.t5_fsdp):
+        raise ValueError("--ulysses_size > 1, --cfg_parallel, --dit_fsdp and --t5_fsdp need torchrun, e.g. "
+                         "torchrun --nproc_per_node=4 generate.py ... --ulysses_size 4")
+    if world > 1 and options.ulysses_size * cfg_ways != world:
+        raise ValueError(f"world size {world} must equal ulysses_size ({options.ulysses_size}) x "
+                         f"{cfg_ways} (cfg_parallel={options.cfg_parallel})")
+    if num_heads % options.ulysses_size != 0:
+        divisors = ", ".join(str(d) for d in range(1, num_heads + 1) if num_heads % d == 0)
+        raise ValueError(f"--ulysses_size {options.ulysses_size} must divide the {num_heads} attention heads "
+                         f"({divisors})")

@@ -3,33 +3,42 @@
 With default options the flow is the reference's, step for step: T5 encodes prompt and negative prompt, one seeded
 noise draw, UniPC (or DPM++) over integer timesteps, the high-noise expert for t >= 875 and the low-noise one below,
 noise_pred = uncond + g * (cond - uncond), and the VAE decodes on rank 0.
+
+Who decides what, once:
+- build time (`__init__`): the load-time options (`wan.options`, lifetime "load"), the placement object
+  (`wan.placement`: the only code that moves weights), weight transforms (LoRA merge, dtype), the parallel layout;
+- call time (`generate`): the per-call options (kernels, RoPE, time embedding, compile, TF32, batched CFG) and a
+  guidance strategy per expert (`wan.guidance`); process-global backend flags are restored when the call ends.
 """
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import random
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from .configs import TaskConfig
+from .errors import LoadTimeOptionError
+from .guidance import choose_guidance
 from .modules.attention import resolve_attention
 from .modules.checkpoint import check_checkpoint_dir
 from .modules.model import WanModel
 from .modules.t5 import T5EncoderModel
 from .modules.vae import Wan2_1_VAE
-from .options import RuntimeOptions
+from .options import LOAD_FIELDS, RuntimeOptions
+from .placement import choose_placement
 from .utils.compile import compile_blocks, uncompile_blocks
-from .utils.schedulers import build_scheduler
+from .utils.schedulers import build_scheduler, expert_for_timestep
 
 log = logging.getLogger("wan")
+VAE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class StageTimer:
@@ -48,13 +57,11 @@ class StageTimer:
 
     @contextmanager
     def __call__(self, name: str):
-        self._sync()
-        start = time.perf_counter()
+        self.start(name)
         try:
             yield
         finally:
-            self._sync()
-            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+            self.stop(name)
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -62,175 +69,223 @@ class StageTimer:
 
 
 @contextmanager
-def temporary_copy(module: torch.nn.Module, device: torch.device):
-    """Run `module` from a device copy of its weights, then point it back at the untouched host tensors."""
-    tensors = list(module.parameters()) + list(module.buffers())
-    host = [t.data for t in tensors]
+def backend_flags(tf32: bool):
+    """TF32 for fp32 matmuls (and cuDNN, which PyTorch allows by default) for one call; restored afterwards, also
+    when the call raises, so an original-path call after a fast one really runs without TF32 matmuls."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (matmul.allow_tf32, cudnn.allow_tf32)
+    matmul.allow_tf32, cudnn.allow_tf32 = tf32, True if tf32 else saved[1]
     try:
-        for t in tensors:
-            t.data = t.data.to(device, non_blocking=True, copy=True)
-        yield module
+        yield
     finally:
-        for t, h in zip(tensors, host):
-            t.data = h
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+
+@dataclass
+class GenerationResult:
+    """What one `generate()` call ran: read this instead of poking at the pipeline."""
+    seed: int
+    steps: int
+    solver: str
+    expert_trace: list = field(default_factory=list)  # "high" / "low" per step
+    timings: dict = field(default_factory=dict)  # stage -> seconds (text_encode, dit_high, dit_low, vae_decode, ...)
+    options: RuntimeOptions | None = None  # the resolved options that ran
+    backends: dict = field(default_factory=dict)  # attention, rope, time embedding, guidance per expert, placement
+    latent: torch.Tensor | None = None
 
 
 class WanT2V:
     def __init__(self, config: TaskConfig, checkpoint_dir, device_id: int = 0, rank: int = 0, t5_fsdp: bool = False,
-                 dit_fsdp: bool = False, use_sp: bool = False, t5_cpu: bool = False, init_on_cpu: bool = True,
-                 convert_model_dtype: bool = False, device=None, options: RuntimeOptions | None = None,
-                 components: dict | None = None):
-        """Same arguments as the reference; `device` (default cuda:device_id, else CPU) and `options` are ours.
-
-        The reference's boolean arguments are folded into `options` (an explicit True in either wins).
-        `components` (text_encoder, vae, low_noise_model, high_noise_model) skips loading from checkpoint_dir:
-        benchmarks pass random full-size models built on the GPU.
+                 dit_fsdp: bool = False, use_sp: bool = False, t5_cpu: bool = False, convert_model_dtype: bool = False,
+                 device=None, options: RuntimeOptions | None = None, components: dict | None = None,
+                 lora_high=None, lora_low=None, lora_dir=None, lora_strength=1.0):
+        """Same arguments as the reference (placement follows options.offload_model); ours: `device` (default
+        cuda:device_id, else CPU), `options`, LoRA files (`lora_dir` in the Lightning layout, or per expert; merged
+        into the weights at load), and `components` (text_encoder, vae, low_noise_model, high_noise_model: random
+        models for benchmarks, used as given; LoRAs are merged into them).
         """
         self.config, self.rank = config, rank
         opts = options or RuntimeOptions()
-        self.options = replace(opts, t5_fsdp=opts.t5_fsdp or t5_fsdp, dit_fsdp=opts.dit_fsdp or dit_fsdp,
-                               t5_cpu=opts.t5_cpu or t5_cpu, convert_model_dtype=opts.convert_model_dtype or convert_model_dtype)
+        # the reference's boolean arguments fold into the options (an explicit True in either wins)
+        opts = replace(opts, t5_fsdp=opts.t5_fsdp or t5_fsdp, dit_fsdp=opts.dit_fsdp or dit_fsdp,
+                       t5_cpu=opts.t5_cpu or t5_cpu, convert_model_dtype=opts.convert_model_dtype or convert_model_dtype)
         self.device = torch.device(device) if device is not None else (
             torch.device(f"cuda:{device_id}") if torch.cuda.is_available() else torch.device("cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("CUDA was asked for but torch.cuda.is_available() is False; pass --device cpu "
                                "(only the tiny model is practical there) or install a CUDA build of torch")
-        if self.device.type == "cpu" and self.options.convert_model_dtype:
-            # bf16 weights need the CUDA bf16 autocast the reference runs under; say so and record what runs.
-            log.warning("convert_model_dtype ignored on CPU: the DiT runs in fp32 there (no bf16 autocast)")
-            self.options = replace(self.options, convert_model_dtype=False)
         self.world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        self.use_sp = use_sp or self.options.ulysses_size > 1
-        offload = self.options.offload_model
-        self.offload_model = (self.world_size == 1 and self.device.type == "cuda") if offload is None else offload
+        if use_sp and opts.ulysses_size == 1 and self.world_size > 1:  # reference API: SP over every rank
+            opts = replace(opts, ulysses_size=self.world_size // (1 + opts.cfg_parallel))
         self.num_train_timesteps, self.boundary = config.num_train_timesteps, config.boundary
         self.vae_stride, self.patch_size = config.vae_stride, config.patch_size
         self.sample_neg_prompt = config.sample_neg_prompt
+        self.loras = self._lora_files(lora_dir, lora_high, lora_low, lora_strength)
+
+        self.cfg_group, self.cfg_rank, self.sp_group, mesh = None, 0, None, None
+        if self.world_size > 1:
+            from .distributed.setup import parallel_groups
+
+            groups = parallel_groups(opts, self.device, config.arch.num_heads)
+            self.cfg_group = groups.cfg_group if opts.cfg_parallel else None
+            self.cfg_rank, self.sp_group, mesh = groups.cfg_rank, groups.sp_group, groups.fsdp_mesh
+        elif opts.ulysses_size > 1 or opts.cfg_parallel or opts.dit_fsdp or opts.t5_fsdp:
+            raise ValueError("ulysses_size > 1, cfg_parallel, dit_fsdp and t5_fsdp need torchrun (several ranks); "
+                             "this process is alone")
+        self.sp_size = opts.ulysses_size
+        param_dtype = config.param_dtype if self.device.type == "cuda" else torch.float32
+        self.placement, offload = choose_placement(opts.offload_model, self.device, self.world_size, opts.t5_cpu,
+                                                   opts.dit_fsdp, opts.t5_fsdp, mesh, param_dtype)
+        if opts.convert_model_dtype and self.device.type == "cpu":
+            # bf16 weights need the CUDA bf16 autocast the reference runs under; record that fp32 is what runs
+            log.warning("convert_model_dtype has no effect on the CPU: the DiT runs in fp32 there")
+            opts = replace(opts, convert_model_dtype=False)
+        self.options = replace(opts, offload_model=offload)  # the resolved options: what runs
+        self._attention_cache: dict = {}
+        self.load_timings: dict = {}
+
         t0 = time.perf_counter()
-        dit_dtype = config.param_dtype if self.options.convert_model_dtype else None
-        # FSDP shards from host RAM (each rank keeps only its shard on the GPU), as the reference
-        fsdp = self.options.dit_fsdp and self.world_size > 1
-        load_dev = torch.device("cpu") if self.offload_model or fsdp else self.device
+        self._load(checkpoint_dir, components)
+        self.placement.attach({"high": self.high_noise_model, "low": self.low_noise_model}, self.text_encoder)
+        for model in (self.low_noise_model, self.high_noise_model):
+            model.set_sequence_parallel(self.sp_group)
+        self._configure_call(self.options)
+        self.load_seconds = time.perf_counter() - t0
+        self.last_result: GenerationResult | None = None
+        log.info("loaded in %.1f s; %s; DiT %s; VAE %s; options %s", self.load_seconds, self.placement.describe(),
+                 next(self.high_noise_model.parameters()).dtype, self.options.vae_dtype,
+                 self.options.changed() or "original path")
+
+    @property
+    def offload_model(self) -> bool:
+        """The built placement's offload setting (read-only; set it with options.offload_model at build)."""
+        return self.options.offload_model
+
+    # ---- build time ----------------------------------------------------------------------------------------
+    def _lora_files(self, lora_dir, lora_high, lora_low, strength) -> dict:
+        """{"high": (path, strength), "low": ...}: explicit per-expert files win over lora_dir's."""
+        s = (float(strength), float(strength)) if isinstance(strength, (int, float)) else tuple(map(float, strength))
+        if len(s) != 2:
+            raise ValueError(f"lora_strength must be one number or (high, low), got {strength!r}")
+        files = {}
+        for i, (expert, explicit) in enumerate((("high", lora_high), ("low", lora_low))):
+            path = explicit or (Path(lora_dir) / f"{expert}_noise_model.safetensors" if lora_dir else None)
+            if path is not None:
+                if not Path(path).is_file():
+                    raise FileNotFoundError(f"LoRA file {path} for the {expert}-noise expert does not exist")
+                files[expert] = (Path(path), s[i])
+        return files
+
+    def _lora(self, expert: str):
+        if expert not in self.loras:
+            return None
+        from .lora import LoraMerge
+
+        path, strength = self.loras[expert]
+        return LoraMerge(path, strength)
+
+    def _load(self, checkpoint_dir, components):
+        dit_dtype = self.config.param_dtype if self.options.convert_model_dtype else None
+        vae_dtype = VAE_DTYPES[self.options.vae_dtype]
         if components is not None:
             self.text_encoder, self.vae = components["text_encoder"], components["vae"]
             self.low_noise_model, self.high_noise_model = components["low_noise_model"], components["high_noise_model"]
-        else:
-            ckpt = Path(checkpoint_dir)
-            check_checkpoint_dir(config, ckpt)
-            self.text_encoder = T5EncoderModel(
-                text_len=config.text_len, dtype=config.t5_dtype, device=torch.device("cpu"),
-                checkpoint_path=str(ckpt / config.t5_checkpoint), tokenizer_path=str(ckpt / config.t5_tokenizer))
-            self.vae = Wan2_1_VAE(vae_pth=str(ckpt / config.vae_checkpoint), device=self.device)
-            # Experts load straight onto the GPU when they stay resident; onto the CPU when offloading (reference).
-            self.low_noise_model = WanModel.from_pretrained(ckpt, config.low_noise_checkpoint, dit_dtype, load_dev)
-            self.high_noise_model = WanModel.from_pretrained(ckpt, config.high_noise_checkpoint, dit_dtype, load_dev)
-        self.cfg_group, self.cfg_rank, self.sp_group = None, 0, None
-        if self.world_size > 1:  # multi-rank layout (reference section 8); SP itself is applied in apply_options
-            from .distributed.fsdp import shard_model, shard_t5
-            from .distributed.setup import parallel_groups
+            if self.vae is not None and self.vae.dtype != vae_dtype:
+                raise ValueError(f"the given VAE is {self.vae.dtype}, options ask for vae_dtype={self.options.vae_dtype}")
+            for expert, model in (("high", self.high_noise_model), ("low", self.low_noise_model)):
+                if expert in self.loras:
+                    from .lora import merge_lora_
 
-            if self.use_sp and self.options.ulysses_size == 1:  # reference API: use_sp = SP over every rank
-                self.options = replace(self.options, ulysses_size=self.world_size // (1 + self.options.cfg_parallel))
-            groups = parallel_groups(self.options, self.device)  # (cfg, sp) mesh; FSDP mesh = the whole world
-            self.cfg_group, self.cfg_rank, self.sp_group = groups.cfg_group, groups.cfg_rank, groups.sp_group
-            if self.offload_model:
-                log.warning("offload_model is off with %d ranks: both experts stay resident", self.world_size)
-                self.offload_model = False
-            for model in (self.low_noise_model, self.high_noise_model):
-                if fsdp:  # per-block units, gathered in bf16 on GPUs (fp32 on CPU, where nothing runs in bf16)
-                    shard_model(model, groups.fsdp_mesh,
-                                param_dtype=self.config.param_dtype if self.device.type == "cuda" else torch.float32)
-                else:
-                    model.to(self.device)
-            if self.options.t5_fsdp:
-                self.text_encoder.model = shard_t5(self.text_encoder.model, groups.fsdp_mesh)
-        self.sp_size = self.options.ulysses_size if self.use_sp else 1
-        self.apply_options(self.options)
-        self.load_seconds = time.perf_counter() - t0
-        log.info("loaded in %.1f s: experts %s on %s (offload_model=%s), T5 on %s, VAE on %s",
-                 self.load_seconds, dit_dtype or "fp32", load_dev, self.offload_model,
-                 "cpu" if self.options.t5_cpu else f"{self.device} when encoding", self.device)
+                    t0 = time.perf_counter()
+                    log.info("LoRA %s-noise expert: %s", expert, merge_lora_(model, *self.loras[expert]))
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    self.load_timings[f"lora_merge_{expert}"] = time.perf_counter() - t0
+            return
+        ckpt = Path(checkpoint_dir)
+        check_checkpoint_dir(self.config, ckpt)
+        loras = {e: self._lora(e) for e in ("high", "low")}  # read and checked before minutes of loading
+        self.text_encoder = T5EncoderModel(
+            text_len=self.config.text_len, dtype=self.config.t5_dtype, device=torch.device("cpu"),
+            checkpoint_path=str(ckpt / self.config.t5_checkpoint), tokenizer_path=str(ckpt / self.config.t5_tokenizer))
+        self.vae = Wan2_1_VAE(vae_pth=str(ckpt / self.config.vae_checkpoint), dtype=vae_dtype, device=self.device)
+        dev = self.placement.load_device
+        self.low_noise_model = WanModel.from_pretrained(ckpt, self.config.low_noise_checkpoint, dit_dtype, dev,
+                                                        transform=loras["low"])
+        self.high_noise_model = WanModel.from_pretrained(ckpt, self.config.high_noise_checkpoint, dit_dtype, dev,
+                                                         transform=loras["high"])
+        for expert, lora in loras.items():
+            if lora is not None:
+                log.info("LoRA %s-noise expert: %s", expert, lora.summary())
 
-    # ---- options -----------------------------------------------------------------------------------------
-    def apply_options(self, options: RuntimeOptions) -> None:
-        """Resolve the attention backend and configure both experts once (also used by generate(options=...))."""
-        self.options = options
-        if options.tf32 and self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        self.attention = resolve_attention(options.attn_backend, self.device)
+    # ---- call time -----------------------------------------------------------------------------------------
+    def _check_call_options(self, options: RuntimeOptions | None) -> RuntimeOptions:
+        """The options for one call: per-call fields from `options`, load-time fields must match the build."""
+        if options is None:
+            return self.options
+        # resolve the load-time fields the way __init__ did, then compare
+        resolved = replace(options, offload_model=self.options.offload_model if options.offload_model is None
+                           else options.offload_model)
+        if self.device.type == "cpu":
+            resolved = replace(resolved, convert_model_dtype=False, offload_model=False)
+        changed = [f for f in LOAD_FIELDS if getattr(resolved, f) != getattr(self.options, f)]
+        if changed:
+            f = changed[0]
+            raise LoadTimeOptionError(
+                f"{f} is a load-time option (built with {getattr(self.options, f)!r}, asked for "
+                f"{getattr(resolved, f)!r}); build a new WanT2V with it")
+        return resolved
+
+    def _configure_call(self, options: RuntimeOptions) -> None:
+        """Kernels, RoPE form, time embedding and compile for both experts, as a fresh build with `options`."""
+        if options.attn_backend not in self._attention_cache:
+            self._attention_cache[options.attn_backend] = resolve_attention(options.attn_backend, self.device)
+        self.attention = self._attention_cache[options.attn_backend]
         for model in (self.low_noise_model, self.high_noise_model):
             model.configure(self.attention, fast_rope=options.fast_rope, fast_time_embedding=options.fast_time_embedding)
-            if getattr(self, "sp_group", None) is not None:  # configure() reset attn.attention: wrap it again
-                from .distributed.ulysses import enable_sequence_parallel
-
-                enable_sequence_parallel(model, self.sp_group)
             if options.compile:
                 compile_blocks(model, options.compile_mode)
             else:
                 uncompile_blocks(model)
-        log.info("options: %s; attention %s; rope %s", options.changed() or "original path", self.attention.name,
-                 self.low_noise_model.rope.name)
-
-    # ---- helpers -----------------------------------------------------------------------------------------
-    def _model_for(self, t: int) -> WanModel:
-        """t >= boundary*1000 -> high-noise expert. When offloading, the unused expert goes to the CPU."""
-        high = t >= self.boundary * self.num_train_timesteps
-        needed, unused = ((self.high_noise_model, self.low_noise_model) if high
-                          else (self.low_noise_model, self.high_noise_model))
-        if self.offload_model and self.device.type == "cuda":
-            if next(unused.parameters()).device.type == "cuda":
-                unused.to("cpu")
-            if next(needed.parameters()).device.type == "cpu":
-                needed.to(self.device)
-        return needed
-
-    def _encode_text(self, prompt: str, n_prompt: str):
-        ctx, ctx_null = self._run_text_encoder(prompt, n_prompt)
-        if self.device.type != "cuda":  # no bf16 autocast on CPU: the fp32 DiT takes fp32 context
-            ctx, ctx_null = [u.float() for u in ctx], [u.float() for u in ctx_null]
-        return ctx, ctx_null
-
-    def _run_text_encoder(self, prompt: str, n_prompt: str):
-        if self.options.t5_cpu:
-            ctx = self.text_encoder([prompt], torch.device("cpu"))
-            ctx_null = self.text_encoder([n_prompt], torch.device("cpu"))
-            return [u.to(self.device) for u in ctx], [u.to(self.device) for u in ctx_null]
-        t5 = self.text_encoder.model
-        on_host = next(t5.parameters()).device.type == "cpu"
-        if self.offload_model or not on_host or self.device.type != "cuda":
-            # The reference: up to the GPU, encode, back down (an 11 GB device-to-host copy) when offloading.
-            t5.to(self.device)
-            ctx, ctx_null = self.text_encoder([prompt], self.device), self.text_encoder([n_prompt], self.device)
-            if self.offload_model and self.device.type == "cuda":
-                t5.cpu()
-            return ctx, ctx_null
-        # Experts resident (offload_model false): the T5 must leave the GPU for memory, but its host copy is still
-        # there, so encode with a temporary GPU copy and drop it instead of copying 11 GB back.
-        with temporary_copy(t5, self.device):
-            return self.text_encoder([prompt], self.device), self.text_encoder([n_prompt], self.device)
+        self.call_options = options
 
     # ---- generation --------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, input_prompt: str, size=(1280, 720), frame_num: int = 81, shift: float = 5.0,
                  sample_solver: str = "unipc", sampling_steps: int = 50, guide_scale=5.0, n_prompt: str = "",
-                 seed: int = -1, offload_model: bool = True, options: RuntimeOptions | None = None,
+                 seed: int = -1, offload_model: bool | None = None, options: RuntimeOptions | None = None,
                  return_latents: bool = False):
-        """Returns the video [3, frame_num, H, W] in [-1, 1] (rank 0; None elsewhere).
+        """Returns the video [3, frame_num, H, W] in [-1, 1] (rank 0; None elsewhere); `self.last_result` records
+        what ran. size is (width, height); guide_scale a float or (low-noise scale, high-noise scale).
 
-        size is (width, height); guide_scale a float or (low-noise scale, high-noise scale).
-        `options` re-configures the speed switches for this and later calls (A/B without reloading).
+        offload_model: the reference's parameter; None means the built placement, and a value that disagrees
+        with it raises. `options` may change per-call fields for this call only (an A/B without reloading).
         """
-        if options is not None and options != self.options:
-            self.apply_options(options)
+        if offload_model is not None and bool(offload_model) != self.options.offload_model:
+            raise LoadTimeOptionError(
+                f"offload_model={offload_model} disagrees with the built placement ({self.placement.name}); "
+                "build a new WanT2V with options.offload_model set")
+        opts = self._check_call_options(options)
         if not input_prompt or not input_prompt.strip():
             raise ValueError("the prompt is empty; pass --prompt \"...\"")
         if (frame_num - 1) % 4 != 0 or frame_num < 1:
             raise ValueError(f"frame_num must be 4n+1 (e.g. 77 or 81), got {frame_num}")
-        self.offload_model = offload_model if self.world_size == 1 else self.offload_model
         guide = (guide_scale, guide_scale) if isinstance(guide_scale, (int, float)) else tuple(guide_scale)
+        guidance = {"low": choose_guidance(guide[0], opts.batched_cfg, self.cfg_group, self.cfg_rank),
+                    "high": choose_guidance(guide[1], opts.batched_cfg, self.cfg_group, self.cfg_rank)}
+        if opts != self.call_options:
+            self._configure_call(opts)
+        try:
+            with backend_flags(opts.tf32):
+                return self._generate(input_prompt, size, frame_num, shift, sample_solver, sampling_steps, guide,
+                                      guidance, n_prompt, seed, opts, return_latents)
+        finally:
+            if opts != self.options:
+                self._configure_call(self.options)  # back to the built configuration
+
+    def _generate(self, prompt, size, frame_num, shift, solver, steps, guide, guidance, n_prompt, seed, opts,
+                  return_latents):
         timer = StageTimer(self.device)
-        self.last_timings = timer.times
         w, h = size
         lat_f, lat_h, lat_w = (frame_num - 1) // self.vae_stride[0] + 1, h // self.vae_stride[1], w // self.vae_stride[2]
         target_shape = (self.vae.model.config.z_dim, lat_f, lat_h, lat_w)
@@ -238,79 +293,84 @@ class WanT2V:
         n_prompt = n_prompt or self.sample_neg_prompt
         seed = seed if seed >= 0 else random.randint(0, sys.maxsize)
         seed_g = torch.Generator(device=self.device).manual_seed(seed)
+        result = GenerationResult(seed=seed, steps=steps, solver=solver, timings=timer.times, options=opts,
+                                  backends=self.backends(guidance))
+        self.last_result = result
 
         with timer("text_encode"):
-            context, context_null = self._encode_text(input_prompt, n_prompt)
+            context = self.placement.encode([prompt])
+            needs_negative = any(g.needs_negative for g in guidance.values())
+            context_null = self.placement.encode([n_prompt]) if needs_negative else None
+        if self.device.type != "cuda":  # no bf16 autocast on CPU: the fp32 DiT takes fp32 context
+            context = [u.float() for u in context]
+            context_null = [u.float() for u in context_null] if context_null is not None else None
         noise = torch.randn(*target_shape, dtype=torch.float32, device=self.device, generator=seed_g)
-        log.info("seed %d, seq_len %d, guide %s", seed, seq_len, guide)
-        latent = self.sample(noise, context, context_null, seq_len, sample_solver, sampling_steps, shift, guide,
-                             timer=timer)
-        if self.offload_model and self.device.type == "cuda":
-            self.low_noise_model.cpu()
-            self.high_noise_model.cpu()
-            torch.cuda.empty_cache()
-        self.last_latent = latent
+        log.info("seed %d, seq_len %d, guide %s, guidance %s", seed, seq_len, guide,
+                 {k: g.name for k, g in guidance.items()})
+        latent = self.sample(noise, context, context_null, seq_len, solver, steps, shift, guide, timer=timer,
+                             guidance=guidance, result=result)
+        self.placement.release()
+        result.latent = latent
         video = None
         if self.rank == 0:
             with timer("vae_decode"):
                 video = self.vae.decode([latent])[0]
-        del noise
-        if self.offload_model:
-            gc.collect()
         log.info("stage seconds: %s", {k: round(v, 2) for k, v in timer.times.items()})
         return (video, latent) if return_latents else video
 
+    def backends(self, guidance: dict | None = None) -> dict:
+        """What runs: kernels, RoPE and time-embedding forms, compile, guidance, placement, LoRAs."""
+        model = self.high_noise_model
+        out = {"attention": self.attention.name, "rope": model.rope.name,
+               "time_embedding": "per sample" if model.fast_time_embedding else "per token (reference)",
+               "compile": self.call_options.compile_mode if self.call_options.compile else "off",
+               "placement": self.placement.name, "sequence_parallel": self.sp_size,
+               "loras": {e: f"{p.name} x {s}" for e, (p, s) in self.loras.items()}}
+        if guidance:
+            out["guidance"] = {k: g.name for k, g in guidance.items()}
+        return out
+
     def sample(self, noise, context, context_null, seq_len: int, sample_solver: str, sampling_steps: int,
                shift: float, guide: tuple[float, float], timer: StageTimer | None = None, max_steps: int | None = None,
-               step_callback=None) -> torch.Tensor:
+               step_callback=None, guidance: dict | None = None, result: GenerationResult | None = None
+               ) -> torch.Tensor:
         """The denoising loop: noise [C, F, H, W] -> latent. No host sync inside the loop except at the (single)
-        expert switch; `max_steps` stops early and `step_callback(i, t, expert)` runs after each step (benchmarks)."""
+        expert switch; `max_steps` stops early; `step_callback(i, t, expert, prediction)` runs after each step.
+        `guidance` ({"high": strategy, "low": strategy}) defaults to what the call options choose."""
         timer = timer or StageTimer(self.device)
+        if guidance is None:
+            guidance = {e: choose_guidance(guide[i], self.call_options.batched_cfg, self.cfg_group, self.cfg_rank)
+                        for i, e in enumerate(("low", "high"))}
         scheduler, timesteps = build_scheduler(sample_solver, sampling_steps, shift, self.device,
                                                self.num_train_timesteps)
         scheduler.set_begin_index(0)  # no timestep lookup (a device sync) at the first step
         t_host = timesteps.tolist()[:max_steps]  # one sync here
         boundary = self.boundary * self.num_train_timesteps
-        log.info("%d steps (%d high-noise, %d low-noise), batched_cfg=%s", len(t_host),
-                 sum(t >= boundary for t in t_host), sum(t < boundary for t in t_host), self.options.batched_cfg)
+        trace = [expert_for_timestep(t, boundary) for t in t_host]
+        log.info("%d steps (%d high-noise, %d low-noise); guidance %s", len(t_host), trace.count("high"),
+                 trace.count("low"), {k: g.name for k, g in guidance.items()})
+        if result is not None:
+            result.expert_trace = trace
         latent, current, model = noise, None, None
-        self.expert_trace = []
         autocast = torch.autocast(self.device.type, dtype=self.config.param_dtype, enabled=self.device.type == "cuda")
         bar = tqdm(t_host, desc="denoise", unit="step", disable=self.rank != 0)
         with autocast:
             for i, t in enumerate(bar):
-                expert = "high" if t >= boundary else "low"
+                expert = trace[i]
                 if expert != current:  # once per generation: time each expert's segment as one stage
                     if current is not None:
                         timer.stop(f"dit_{current}")
                     with timer("expert_switch"):
-                        model = self._model_for(t)
+                        model = self.placement.expert(expert)
                     timer.start(f"dit_{expert}")
                     current = expert
-                self.expert_trace.append(expert)
                 g = guide[1] if expert == "high" else guide[0]
-                noise_pred = self._guided_prediction(model, latent, timesteps[i:i + 1], context, context_null,
-                                                     seq_len, g)
+                noise_pred = guidance[expert](model, latent, timesteps[i:i + 1], context, context_null, seq_len, g)
                 latent = scheduler.step(noise_pred.unsqueeze(0), t, latent.unsqueeze(0), return_dict=False)[0]
                 latent = latent.squeeze(0)
                 if step_callback is not None:
-                    step_callback(i, t, expert)
-                bar.set_postfix(expert=expert, t=t)
+                    step_callback(i, t, expert, noise_pred)
+                bar.set_postfix(expert=expert, t=round(float(t), 2))
         if current is not None:
             timer.stop(f"dit_{current}")
         return latent
-
-    def _guided_prediction(self, model, latent, t, context, context_null, seq_len, g):
-        """uncond + g * (cond - uncond): two batch-1 forwards (reference) or one batch-2 forward (batched_cfg);
-        with cfg_parallel, one batch-1 forward per rank half and one all-gather."""
-        if self.options.cfg_parallel and getattr(self, "cfg_group", None) is not None:
-            from .distributed.cfg_parallel import cfg_parallel_prediction
-
-            return cfg_parallel_prediction(model, latent, t, context, context_null, seq_len, g, self.cfg_group,
-                                           self.cfg_rank)
-        if self.options.batched_cfg:
-            cond, uncond = model([latent, latent], t=t.expand(2), context=context + context_null, seq_len=seq_len)
-        else:
-            cond = model([latent], t=t, context=context, seq_len=seq_len)[0]
-            uncond = model([latent], t=t, context=context_null, seq_len=seq_len)[0]
-        return uncond + g * (cond - uncond)

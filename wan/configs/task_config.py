@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .model_config import A14B, WanConfig
+
 # The reference's default negative prompt (used when n_prompt is empty; the CLI has no flag for it).
 DEFAULT_NEG_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，"
@@ -38,6 +40,5 @@ class TaskConfig:
     supported_sizes: tuple[str, ...] = ("720*1280", "1280*720", "480*832", "832*480")
     sample_neg_prompt: str = DEFAULT_NEG_PROMPT
     needs_ckpt_dir: bool = True
-    # config.json values each expert must have (checked before loading)
-    expected_dit: tuple[tuple[str, object], ...] = (("model_type", "t2v"), ("dim", 5120), ("num_layers", 40),
-                                                    ("num_heads", 40), ("in_dim", 16), ("out_dim", 16))
+    # the architecture both experts' config.json must describe (checked before loading)
+    arch: WanConfig = A14B

@@ -109,17 +109,17 @@ class ParallelGroups:
     fsdp_mesh: object
 
 
-def parallel_groups(options, device: torch.device) -> ParallelGroups:
+def parallel_groups(options, device: torch.device, num_heads: int = 40) -> ParallelGroups:
     """Build the groups from `options` (ulysses_size, cfg_parallel) over the initialised default group.
 
-    Raises the CLI's one-line error when world size != ulysses_size x (2 if cfg_parallel else 1).
+    Raises a one-line ValueError when world size != ulysses_size x (2 if cfg_parallel else 1).
     """
     from torch.distributed.device_mesh import init_device_mesh
 
-    from ..cli import check_parallel_layout
+    from ..options import check_parallel_layout
 
     world = dist.get_world_size()
-    check_parallel_layout(options, world)
+    check_parallel_layout(options, world, num_heads)
     cfg_ways = 2 if options.cfg_parallel else 1
     device_type = torch.device(device).type
     mesh = init_device_mesh(device_type, (cfg_ways, options.ulysses_size), mesh_dim_names=("cfg", "sp"))

@@ -1,28 +1,24 @@
 """Ulysses sequence parallelism for the DiT, as the reference's design (section 8), on torch.distributed only.
 
-Per forward, on every rank of the SP group (P ranks):
+`WanModel.set_sequence_parallel(group)` turns it on; `WanModel.forward` is the only forward and calls the two
+points below, which do nothing without a group. Per forward, on every rank of the SP group (P ranks):
   1. `embed()` on the full sequence (patchify, time and text embeddings, RoPE table): identical on every rank.
-  2. x, the per-token e0 / e (not the per-sample [B, 1, ...] ones of the fast time embedding) and the RoPE table are
-     cut along the token dim into P equal parts; each rank keeps its own (seq_len is a multiple of P: WanT2V rounds it).
-  3. The blocks run on the local L/P tokens. Only self-attention talks to the other ranks: its `attention` is wrapped
+  2. `shard_tokens`: x, the per-token e0 / e (not the per-sample [B, 1, ...] ones of the fast time embedding) and
+     the RoPE table are cut along the token dim into P equal parts; each rank keeps its own (seq_len is a multiple
+     of P: the pipeline rounds it).
+  3. The blocks run on the local L/P tokens. Only self-attention talks to the other ranks: its backend is wrapped
      by `UlyssesAttention`, which exchanges q, k, v from [B, L/P, H, D] to [B, L, H/P, D] (scatter heads, gather
      tokens), runs the wrapped backend on the full sequence with the real key lengths, and exchanges back.
      Cross-attention (all 512 text rows are local) and the FFN need no exchange.
-  4. The head runs on the local tokens; the [B, L/P, 64] outputs are gathered along tokens and every rank unpatchifies.
-
-`enable_sequence_parallel` is idempotent and must be called again after `WanModel.configure()` (which resets every
-`attn.attention`); WanT2V.apply_options does that. The forward is an instance attribute, so `model(...)` keeps
-working, also under FSDP2's forward hooks; torch.compile'd blocks trace the collectives (Dynamo remaps them).
+  4. `gather_tokens`: the head's [B, L/P, 64] outputs are gathered along tokens and every rank unpatchifies.
+torch.compile'd blocks trace the collectives (Dynamo remaps them).
 """
 from __future__ import annotations
-
-from types import MethodType
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["UlyssesAttention", "enable_sequence_parallel", "disable_sequence_parallel", "sp_forward",
-           "gather_tokens", "slice_tokens"]
+__all__ = ["UlyssesAttention", "shard_tokens", "gather_tokens", "slice_tokens"]
 
 
 def _half_like_backend(q, k, v):
@@ -94,64 +90,28 @@ def slice_tokens(t, start: int, length: int):
     return t.narrow(1, start, length)
 
 
+def shard_tokens(group, x: torch.Tensor, e: torch.Tensor, e0: torch.Tensor, rope_table):
+    """This rank's token slice of x [B, L, d], the per-token e [B, L, d] / e0 [B, L, 6, d] (per-sample ones,
+    [B, 1, ...], broadcast unchanged) and the RoPE table. Without a group: everything unchanged."""
+    if group is None:
+        return x, e, e0, rope_table
+    p, r = dist.get_world_size(group), dist.get_rank(group)
+    n = x.size(1)
+    if n % p:
+        raise ValueError(f"seq_len {n} must be a multiple of the SP size {p} (the pipeline rounds it up)")
+    lp, start = n // p, r * (n // p)
+    e0 = e0.narrow(1, start, lp) if e0.size(1) == n else e0
+    e = e.narrow(1, start, lp) if e.size(1) == n else e
+    return x.narrow(1, start, lp), e, e0, slice_tokens(rope_table, start, lp)
+
+
 def gather_tokens(x: torch.Tensor, group) -> torch.Tensor:
-    """[B, L/P, C] on every rank -> [B, L, C] on every rank, rank order = token order."""
+    """[B, L/P, C] on every rank -> [B, L, C] on every rank, rank order = token order. No group: x unchanged."""
+    if group is None:
+        return x
     p = dist.get_world_size(group)
     x = x.contiguous()
     out = x.new_empty((p * x.size(0),) + tuple(x.shape[1:]))  # ranks concatenated along dim 0 (gloo and NCCL)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(out, x, group=group)
     return out.view(p, *x.shape).movedim(0, 1).reshape(x.size(0), p * x.size(1), *x.shape[2:])
-
-
-def sp_forward(self, x: list, t: torch.Tensor, context: list, seq_len: int, y=None) -> list:
-    """WanModel.forward with the token dim split over `self._wan_sp_group` (bound to the model as `forward`)."""
-    if y is not None:
-        raise ValueError("y (image conditioning) is for i2v models; t2v takes none")
-    group = self._wan_sp_group
-    p, r = dist.get_world_size(group), dist.get_rank(group)
-    x, e, e0, seq_lens, grids, rope_table, context = self.embed(x, t, context, seq_len)
-    n = x.size(1)
-    if n % p:
-        raise ValueError(f"seq_len {n} must be a multiple of the SP size {p} (WanT2V rounds it up)")
-    lp, start = n // p, r * (n // p)
-    x = x.narrow(1, start, lp)
-    # per-token time embeddings are split with the tokens; the per-sample ones ([B, 1, ...]) broadcast as they are
-    e0 = e0.narrow(1, start, lp) if e0.size(1) == n else e0
-    e = e.narrow(1, start, lp) if e.size(1) == n else e
-    rope_table = slice_tokens(rope_table, start, lp)
-    for block in self.blocks:
-        x = block(x, e0, seq_lens, rope_table, context, None)
-    x = gather_tokens(self.head(x, e), group)
-    return [u.float() for u in self.unpatchify(x, grids)]
-
-
-def enable_sequence_parallel(model, sp_group):
-    """Run `model` with Ulysses SP over `sp_group` (idempotent; call again after every `model.configure()`).
-
-    A group of one rank turns SP off. Returns the model.
-    """
-    size = dist.get_world_size(sp_group) if sp_group is not None else 1
-    if size == 1:
-        return disable_sequence_parallel(model)
-    if model.num_heads % size:
-        raise ValueError(f"--ulysses_size {size} must divide the model's {model.num_heads} attention heads")
-    model._wan_sp_group = sp_group
-    model.forward = MethodType(sp_forward, model)  # instance attribute: model(...) and FSDP hooks still apply
-    for block in model.blocks:
-        attn = block.self_attn
-        cur = attn.attention
-        if isinstance(cur, UlyssesAttention) and cur.group is sp_group:
-            continue
-        attn.attention = UlyssesAttention(cur, sp_group)  # unwraps a wrapper for another group
-    return model
-
-
-def disable_sequence_parallel(model):
-    """Back to the single-device forward and unwrapped self-attention."""
-    model.__dict__.pop("forward", None)
-    model.__dict__.pop("_wan_sp_group", None)
-    for block in model.blocks:
-        if isinstance(block.self_attn.attention, UlyssesAttention):
-            block.self_attn.attention = block.self_attn.attention.inner
-    return model

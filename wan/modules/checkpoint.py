@@ -12,24 +12,15 @@ from pathlib import Path
 
 import torch
 
+from ..configs.model_config import WanConfig
+from ..errors import CheckpointError
+
 log = logging.getLogger("wan")
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE_NAME = "diffusion_pytorch_model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing or does not match the model it should hold."""
-
-
-def read_model_config(folder: Path, ignore: tuple[str, ...]) -> dict:
-    """config.json with the reference's semantics: private keys and `ignore_for_config` keys are dropped."""
-    path = folder / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"missing {path} (each expert folder of the official Wan2.2-T2V-A14B download has one)")
-    raw = json.loads(path.read_text())
-    return {k: v for k, v in raw.items() if not k.startswith("_") and k not in ignore}
+__all__ = ["CheckpointError", "load_wan_model", "save_wan_model", "check_checkpoint_dir", "shard_map"]
 
 
 def shard_map(folder: Path) -> dict[str, list[str]]:
@@ -75,25 +66,30 @@ def check_against_model(model: torch.nn.Module, folder: Path, shards: dict[str, 
                               + (f" and {len(problems) - 4} more" if len(problems) > 4 else "") + hint)
 
 
-def load_wan_model(cls, checkpoint_dir, subfolder=None, dtype: torch.dtype | None = None, device="cpu"):
-    """Build `cls` from config.json on meta, then assign the safetensors tensors shard by shard."""
+def load_wan_model(cls, checkpoint_dir, subfolder=None, dtype: torch.dtype | None = None, device="cpu",
+                   transform=None):
+    """Build `cls` from config.json on meta, then assign the safetensors tensors shard by shard.
+
+    `transform` (optional: `check(shapes)` and `apply(name, fp32 tensor) -> fp32 tensor`, e.g. a LoRA merge) runs on
+    each tensor in fp32 on `device`, before the cast to `dtype`: one tensor at a time, never a second model copy."""
     from safetensors import safe_open
 
     folder = Path(checkpoint_dir) / subfolder if subfolder else Path(checkpoint_dir)
-    kwargs = read_model_config(folder, cls.ignore_for_config)
-    try:
-        with torch.device("meta"):
-            model = cls(**kwargs)
-    except TypeError as exc:
-        raise CheckpointError(f"{folder / CONFIG_NAME} has keys {cls.__name__} does not take: {exc}") from exc
+    config = WanConfig.from_json(folder / CONFIG_NAME)
+    with torch.device("meta"):
+        model = cls.from_config(config)
     shards = shard_map(folder)
     check_against_model(model, folder, shards)
+    if transform is not None:
+        transform.check({k: tuple(v.shape) for k, v in model.state_dict().items()})
     device = torch.device(device)
     for fname, keys in shards.items():
         with safe_open(folder / fname, framework="pt", device=str(device)) as f:
             part = {}
             for k in keys:
                 t = f.get_tensor(k)
+                if transform is not None and k in transform.targets:
+                    t = transform.apply(k, t.float()).to(dtype or t.dtype)
                 part[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         model.load_state_dict(part, strict=False, assign=True)
         del part
@@ -109,8 +105,7 @@ def save_wan_model(model: torch.nn.Module, folder, max_shard_bytes: int = 10 * 2
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"_class_name": "WanModel", "_diffusers_version": "0.33.0"}
-    config.update({k: v for k, v in model.config.items() if k not in model.ignore_for_config})
+    config = {"_class_name": "WanModel", "_diffusers_version": "0.33.0", **model.config.json_dict()}
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     groups, size = [[]], 0
     for k, v in model.state_dict().items():
@@ -147,9 +142,9 @@ def check_checkpoint_dir(config, ckpt_dir: Path) -> None:
             raise FileNotFoundError(f"missing {path} (part of the official Wan2.2-T2V-A14B download); {DOWNLOAD_HINT}")
     for sub in (config.low_noise_checkpoint, config.high_noise_checkpoint):
         folder = ckpt_dir / sub
-        cfg = read_model_config(folder, ())
+        found = WanConfig.from_json(folder / CONFIG_NAME)
         shard_map(folder)
-        for key, want in config.expected_dit:
-            if key in cfg and cfg[key] != want:
-                raise CheckpointError(f"{folder / CONFIG_NAME} has {key}={cfg[key]}, expected {want} for {config.name} "
-                                      "(a 1.3B, 5B or I2V checkpoint?)")
+        bad = found.mismatches(config.arch)
+        if bad:
+            raise CheckpointError(f"{folder / CONFIG_NAME} has {', '.join(bad[:3])} for {config.name} "
+                                  "(a 1.3B, 5B or I2V checkpoint?)")

@@ -1,17 +1,22 @@
 """The Wan 2.2 DiT (`WanModel`): the reference's math, its constructor, config semantics and state-dict keys.
 
-One readable forward. The fast paths are alternatives chosen once by `configure()` (attention backend, RoPE form,
-per-sample time embedding); with the defaults the forward is the reference's, step for step.
+One readable forward. The fast paths are alternatives chosen by `configure()` (attention backend, RoPE form,
+per-sample time embedding); with the defaults the forward is the reference's, step for step. Sequence parallelism
+(Ulysses) is a load-time layout set by `set_sequence_parallel()`: the same forward then shards the tokens after the
+embeddings and gathers them after the head (both do nothing without a group).
 Shapes: d = dim, L = padded token count (seq_len), H = heads, D = head dim = d / H.
 """
 from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import asdict
 
 import torch
 import torch.nn as nn
 
+from ..configs.model_config import WanConfig
+from ..distributed.ulysses import UlyssesAttention, gather_tokens, shard_tokens
 from .attention import DEFAULT_ATTENTION, AttentionBackend
 from .rope import FastRope, ReferenceRope
 
@@ -139,10 +144,10 @@ class Head(nn.Module):
 
 
 class WanModel(nn.Module):
-    """The Wan DiT. Constructor arguments and defaults are the reference's; see `from_pretrained` for config.json."""
+    """The Wan DiT. Constructor arguments and defaults are the reference's (`WanConfig` holds them as one frozen
+    object: `model.config`); see `from_pretrained` for config.json."""
 
-    # config.json keys the reference drops before calling __init__ (they always keep these defaults)
-    ignore_for_config = ("patch_size", "cross_attn_norm", "qk_norm", "text_dim", "window_size")
+    ignore_for_config = WanConfig.IGNORED
     _no_split_modules = ["WanAttentionBlock"]
 
     def __init__(self, model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=2048, ffn_dim=8192,
@@ -152,10 +157,10 @@ class WanModel(nn.Module):
         if model_type != "t2v":
             raise ValueError(f"this project implements the t2v DiT only (config.json has model_type={model_type!r}); "
                              "point --ckpt_dir at a Wan2.2-T2V-A14B checkpoint")
-        self.config = dict(model_type=model_type, patch_size=tuple(patch_size), text_len=text_len, in_dim=in_dim,
-                           dim=dim, ffn_dim=ffn_dim, freq_dim=freq_dim, text_dim=text_dim, out_dim=out_dim,
-                           num_heads=num_heads, num_layers=num_layers, window_size=tuple(window_size),
-                           qk_norm=qk_norm, cross_attn_norm=cross_attn_norm, eps=eps)
+        self.config = WanConfig(model_type=model_type, patch_size=patch_size, text_len=text_len, in_dim=in_dim,
+                                dim=dim, ffn_dim=ffn_dim, freq_dim=freq_dim, text_dim=text_dim, out_dim=out_dim,
+                                num_heads=num_heads, num_layers=num_layers, window_size=window_size,
+                                qk_norm=qk_norm, cross_attn_norm=cross_attn_norm, eps=eps)
         self.model_type, self.patch_size, self.text_len = model_type, tuple(patch_size), text_len
         self.in_dim, self.dim, self.ffn_dim, self.freq_dim = in_dim, dim, ffn_dim, freq_dim
         self.text_dim, self.out_dim, self.num_heads, self.num_layers = text_dim, out_dim, num_heads, num_layers
@@ -169,23 +174,43 @@ class WanModel(nn.Module):
             WanAttentionBlock(dim, ffn_dim, num_heads, window_size, qk_norm, cross_attn_norm, eps)
             for _ in range(num_layers)])
         self.head = Head(dim, out_dim, patch_size, eps)
-        assert (dim % num_heads) == 0 and (dim // num_heads) % 2 == 0
+        self.sp_group = None  # Ulysses group (load-time layout); None = one device
         self.configure()
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
-    # ---- fast-path selection (once, at load) -------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: WanConfig) -> "WanModel":
+        return cls(**asdict(config))
+
+    # ---- per-call kernels and the load-time layout ------------------------------------------------------------
     def configure(self, attention: AttentionBackend | None = None, fast_rope: bool = False,
                   fast_time_embedding: bool = False) -> "WanModel":
         """Pick the attention backend, the RoPE form and the time-embedding form for every block."""
-        head_dim = self.dim // self.num_heads
-        self.rope = (FastRope if fast_rope else ReferenceRope)(head_dim)
+        self.rope = (FastRope if fast_rope else ReferenceRope)(self.dim // self.num_heads)
         self.fast_time_embedding = fast_time_embedding
         self.attention = attention or DEFAULT_ATTENTION
-        for block in self.blocks:
-            for attn in (block.self_attn, block.cross_attn):
-                attn.attention, attn.rope = self.attention, self.rope
+        self._bind_attention()
         return self
+
+    def set_sequence_parallel(self, group) -> "WanModel":
+        """Split the tokens over `group` (Ulysses); None or a group of one rank turns it off. Independent of
+        `configure()`: either may be called first."""
+        import torch.distributed as dist
+
+        size = dist.get_world_size(group) if group is not None else 1
+        if size > 1 and self.num_heads % size:
+            raise ValueError(f"--ulysses_size {size} must divide the model's {self.num_heads} attention heads")
+        self.sp_group = group if size > 1 else None
+        self._bind_attention()
+        return self
+
+    def _bind_attention(self):
+        # self-attention sees the whole sequence through the Ulysses exchange; cross-attention is always local
+        self_attention = UlyssesAttention(self.attention, self.sp_group) if self.sp_group is not None else self.attention
+        for block in self.blocks:
+            block.self_attn.attention, block.cross_attn.attention = self_attention, self.attention
+            block.self_attn.rope = block.cross_attn.rope = self.rope
 
     # ---- forward ---------------------------------------------------------------------------------------------
     def embed(self, x: list, t: torch.Tensor, context: list, seq_len: int):
@@ -222,9 +247,11 @@ class WanModel(nn.Module):
         if y is not None:
             raise ValueError("y (image conditioning) is for i2v models; t2v takes none")
         x, e, e0, seq_lens, grids, rope_table, context = self.embed(x, t, context, seq_len)
+        # with a Ulysses group: this rank's tokens from here to the head (per-token e / e0 / RoPE rows with them)
+        x, e, e0, rope_table = shard_tokens(self.sp_group, x, e, e0, rope_table)
         for block in self.blocks:
             x = block(x, e0, seq_lens, rope_table, context, None)
-        x = self.head(x, e)
+        x = gather_tokens(self.head(x, e), self.sp_group)
         return [u.float() for u in self.unpatchify(x, grids)]
 
     def unpatchify(self, x: torch.Tensor, grids: list) -> list:
@@ -255,11 +282,12 @@ class WanModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir, subfolder: str | None = None, torch_dtype: torch.dtype | None = None,
-                        device="cpu") -> "WanModel":
-        """Load `<checkpoint_dir>/<subfolder>/` (config.json + sharded safetensors) without a second copy."""
+                        device="cpu", transform=None) -> "WanModel":
+        """Load `<checkpoint_dir>/<subfolder>/` (config.json + sharded safetensors) without a second copy.
+        `transform` (e.g. a `wan.lora.LoraMerge`) changes each tensor in fp32 before the dtype cast."""
         from .checkpoint import load_wan_model
 
-        return load_wan_model(cls, checkpoint_dir, subfolder, dtype=torch_dtype, device=device)
+        return load_wan_model(cls, checkpoint_dir, subfolder, dtype=torch_dtype, device=device, transform=transform)
 
     def estimate_flops(self, seq_len: int, text_len: int | None = None) -> float:
         """Matmul FLOPs of one batch-1 forward (linears + attention), for MFU reporting."""

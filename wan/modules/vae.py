@@ -103,9 +103,10 @@ class Wan2_1_VAE:
 
     def _fp32_ctx(self):
         # The reference nests an fp32 autocast inside the pipeline's bf16 one; CPU autocast has no
-        # fp32 mode, so there we simply switch any outer autocast off.
+        # fp32 mode, so there we simply switch any outer autocast off. A bf16 VAE (--vae_dtype bf16)
+        # computes in its own dtype: autocast off.
         kind = self.device.type
-        if kind == "cuda":
+        if kind == "cuda" and self.dtype == torch.float32:
             return torch.autocast("cuda", dtype=torch.float32)
         if torch.amp.is_autocast_available(kind):
             return torch.autocast(kind, enabled=False)

@@ -5,8 +5,6 @@ converting the list of original keys (enumerated below from the original module 
 the result is one-to-one with AutoencoderKLWan's state dict. num_res_blocks must stay 2: the converter
 hard-codes the decoder indices (resample at 3/7/11, shortcut at 4).
 """
-import math
-
 import torch
 
 from wan.modules.vae import VAE_ARCH, build_wan_vae
@@ -77,19 +75,10 @@ def diffusers_to_original_keys(model):
 
 @torch.no_grad()
 def make_tiny_vae(seed=0, base_dim=8, z_dim=16):
-    """AutoencoderKLWan(base_dim) with every parameter drawn from one seeded CPU generator.
-    Conv weights ~ N(0, 1/fan_in) (activations stay O(1)), biases ~ 0.05 N, RMS gammas ~ 1 + 0.1 N."""
-    model = build_wan_vae(base_dim, z_dim).eval()
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():  # fixed registration order -> deterministic
-        r = torch.randn(p.shape, generator=g, dtype=torch.float32)
-        if name.endswith("gamma"):
-            p.copy_(1.0 + 0.1 * r)
-        elif p.ndim == 1:  # bias
-            p.copy_(0.05 * r)
-        else:  # conv weight [out, in, *k]
-            p.copy_(r / math.sqrt(p[0].numel()))
-    return model.requires_grad_(False)
+    """AutoencoderKLWan(base_dim) with every parameter drawn by the shared rule from one seeded CPU generator."""
+    from .random_init import randomize_weights_
+
+    return randomize_weights_(build_wan_vae(base_dim, z_dim).eval(), seed).requires_grad_(False)
 
 
 def write_tiny_vae_checkpoint(path, seed=0, base_dim=8):

@@ -16,11 +16,8 @@ import torch
 
 log = logging.getLogger("wan")
 
-FORMAT_VERSION = "1"  # bump when the tiny architecture or seeds change (the cache folder name follows it)
+FORMAT_VERSION = "2"  # bump when the tiny architecture, seeds or init rule change (the cache folder name follows it)
 MARKER = ".wan_tiny_complete"
-# DiT: text_dim stays 4096 because config.json cannot change it (the reference ignores that key).
-TINY_DIT = dict(model_type="t2v", dim=64, ffn_dim=128, freq_dim=256, in_dim=16, out_dim=16, num_heads=4,
-                num_layers=2, text_len=512, eps=1e-6)
 TINY_SEEDS = {"high_noise_model": 1, "low_noise_model": 2, "t5": 3, "vae": 4}
 
 
@@ -30,15 +27,17 @@ def default_tiny_dir() -> Path:
 
 
 def build_tiny_dit(seed: int):
-    from .modules.model import WanModel
-    from .utils.random_init import randomize_weights_
+    """The tiny DiT (configs.model_config.TINY; text_dim stays 4096, config.json cannot change it)."""
+    from ..configs.model_config import TINY
+    from ..modules.model import WanModel
+    from .random_init import randomize_weights_
 
-    return randomize_weights_(WanModel(**TINY_DIT), seed=seed).eval()
+    return randomize_weights_(WanModel.from_config(TINY), seed=seed).eval()
 
 
 def write_tiny_checkpoint(folder) -> Path:
     """Write every file of the tiny checkpoint into `folder` (deterministic: same bytes of weights every time)."""
-    from .modules.checkpoint import save_wan_model
+    from ..modules.checkpoint import save_wan_model
     from .tiny_t5 import write_tiny_t5
     from .tiny_vae import write_tiny_vae_checkpoint
 

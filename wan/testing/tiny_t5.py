@@ -11,7 +11,7 @@ import os
 import sentencepiece as spm
 import torch
 
-from .modules.t5 import T5_CHECKPOINT, official_t5_shapes
+from ..modules.t5 import T5_CHECKPOINT, official_t5_shapes
 
 __all__ = ["TINY_T5", "TINY_TOKENIZER_VOCAB", "write_tiny_t5_checkpoint", "write_tiny_tokenizer", "write_tiny_t5"]
 
@@ -79,20 +79,12 @@ def write_tiny_tokenizer(folder: str, vocab_size: int = TINY_TOKENIZER_VOCAB) ->
 
 def _tiny_state_dict(seed: int, vocab_size: int, d_model: int, d_kv: int, d_ff: int, num_heads: int,
                      num_layers: int, num_buckets: int) -> dict[str, torch.Tensor]:
-    """Official-key state dict (float32), every tensor random from one CPU generator."""
+    """Official-key state dict (float32), every tensor drawn by the shared rule from one CPU generator."""
+    from .random_init import random_tensor
+
     g = torch.Generator().manual_seed(seed)
     shapes = official_t5_shapes(vocab_size, d_model, num_heads * d_kv, d_ff, num_heads, num_layers, num_buckets)
-    sd = {}
-    for key, shape in shapes.items():
-        x = torch.randn(shape, generator=g)
-        if key.endswith("norm1.weight") or key.endswith("norm2.weight") or key == "norm.weight":
-            x = 1.0 + 0.1 * x  # RMSNorm gains near 1, but not 1: a key swap must change the output
-        elif len(shape) == 2 and "embedding" not in key:
-            x = x * shape[1] ** -0.5  # linear [out, in]: unit-variance outputs
-        elif "pos_embedding" in key:
-            x = 0.5 * x  # relative bias [buckets, heads]
-        sd[key] = x
-    return sd
+    return {key: random_tensor(key, shape, g) for key, shape in shapes.items()}
 
 
 def write_tiny_t5_checkpoint(ckpt_dir: str, seed: int = 0, vocab_size: int = TINY_T5["vocab_size"],

@@ -1,0 +1,163 @@
+"""Where the experts and the text encoder live: one small object per strategy, chosen once when the pipeline is
+built, and the only code that moves weights between host and GPU.
+
+- `Resident`: both experts on the device for the whole run; T5 stays in host memory (pinned on CUDA) and encodes
+  from a temporary device copy (or on the CPU with t5_cpu).
+- `ExpertOffload`: the reference on one GPU: experts load into host memory, the active one is moved up and the
+  other down at the expert switch, both go down after sampling; T5 goes up to encode and back down.
+- `Sharded`: FSDP2 over the whole world (per-block units, bf16 gathers on GPUs); T5 optionally sharded too.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+import torch
+
+log = logging.getLogger("wan")
+CPU = torch.device("cpu")
+
+
+@contextmanager
+def temporary_copy(module: torch.nn.Module, device: torch.device):
+    """Run `module` from a device copy of its weights, then point it back at the untouched host tensors."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    host = [t.data for t in tensors]
+    try:
+        for t in tensors:
+            t.data = t.data.to(device, non_blocking=True, copy=True)
+        yield module
+    finally:
+        for t, h in zip(tensors, host):
+            t.data = h
+
+
+def _on(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+class Placement:
+    name = "?"
+    load_device: torch.device = CPU  # where the experts' tensors are read to
+
+    def __init__(self, device: torch.device, t5_cpu: bool):
+        self.device, self.t5_cpu = torch.device(device), t5_cpu
+        self.experts: dict[str, torch.nn.Module] = {}
+        self.text_encoder = None
+
+    def attach(self, experts: dict, text_encoder) -> None:
+        """Take the loaded experts ({"high": ..., "low": ...}) and T5 and put them where they live."""
+        self.experts, self.text_encoder = experts, text_encoder
+
+    def expert(self, name: str) -> torch.nn.Module:
+        """The expert `name`, ready to run on the device."""
+        return self.experts[name]
+
+    def encode(self, texts: list[str]) -> list[torch.Tensor]:
+        """T5 embeddings of `texts` on the device, one [n_i, 4096] tensor per text."""
+        if self.t5_cpu or self.device.type == "cpu":
+            return [u.to(self.device) for u in self.text_encoder(texts, CPU)]
+        with temporary_copy(self.text_encoder.model, self.device):
+            return self.text_encoder(texts, self.device)
+
+    def release(self) -> None:
+        """After sampling (before the VAE decode)."""
+
+    def describe(self) -> str:
+        t5 = "CPU" if self.t5_cpu else f"host memory, encoding on {self.device}"
+        return f"{self.name}: experts on {self.where()}, T5 in {t5}"
+
+    def where(self) -> str:
+        return ", ".join(f"{k} {_on(m)}" for k, m in self.experts.items()) if self.experts else "-"
+
+
+class Resident(Placement):
+    name = "resident"
+
+    def __init__(self, device, t5_cpu):
+        super().__init__(device, t5_cpu)
+        self.load_device = self.device
+
+    def attach(self, experts, text_encoder):
+        super().attach(experts, text_encoder)
+        for m in experts.values():
+            m.to(self.device)
+        if self.device.type == "cuda" and not self.t5_cpu and text_encoder is not None:
+            # pinned host memory: the temporary upload before each encode runs at full PCIe speed
+            for t in list(text_encoder.model.parameters()) + list(text_encoder.model.buffers()):
+                if t.device.type == "cpu" and not t.is_pinned():
+                    t.data = t.data.pin_memory()
+
+
+class ExpertOffload(Placement):
+    name = "expert offload (reference)"
+
+    def expert(self, name):
+        needed = self.experts[name]
+        if self.device.type == "cuda":
+            for other_name, other in self.experts.items():
+                if other is not needed and _on(other).type == "cuda":
+                    other.to(CPU)
+            if _on(needed).type == "cpu":
+                needed.to(self.device)
+        return needed
+
+    def encode(self, texts):
+        if self.t5_cpu or self.device.type == "cpu":
+            return super().encode(texts)
+        t5 = self.text_encoder.model
+        t5.to(self.device)  # the reference: up, encode, back down
+        try:
+            return self.text_encoder(texts, self.device)
+        finally:
+            t5.to(CPU)
+
+    def release(self):
+        if self.device.type == "cuda":
+            for m in self.experts.values():
+                m.to(CPU)
+            torch.cuda.empty_cache()
+
+
+class Sharded(Placement):
+    name = "FSDP"
+
+    def __init__(self, device, t5_cpu, mesh, t5_fsdp: bool, param_dtype: torch.dtype):
+        super().__init__(device, t5_cpu)
+        self.mesh, self.t5_fsdp, self.param_dtype = mesh, t5_fsdp, param_dtype
+
+    def attach(self, experts, text_encoder):
+        from .distributed.fsdp import shard_model, shard_t5
+
+        super().attach(experts, text_encoder)
+        for m in experts.values():  # per-block units, gathered in param_dtype
+            shard_model(m, self.mesh, param_dtype=self.param_dtype)
+        if self.t5_fsdp:
+            text_encoder.model = shard_t5(text_encoder.model, self.mesh)
+
+    def encode(self, texts):
+        if self.t5_fsdp:
+            return self.text_encoder(texts, self.device)
+        return super().encode(texts)
+
+    def where(self):
+        return f"sharded over {self.mesh.size()} ranks"
+
+
+def choose_placement(offload_model: bool | None, device: torch.device, world: int, t5_cpu: bool,
+                     dit_fsdp: bool = False, t5_fsdp: bool = False, mesh=None,
+                     param_dtype: torch.dtype = torch.bfloat16) -> tuple[Placement, bool]:
+    """(placement, resolved offload_model). offload_model None: the reference's default, true on one GPU only."""
+    device = torch.device(device)
+    if dit_fsdp and world > 1:
+        if offload_model:
+            raise ValueError("--offload_model true cannot be combined with --dit_fsdp: the shards stay on the GPUs")
+        return Sharded(device, t5_cpu, mesh, t5_fsdp, param_dtype), False
+    if offload_model is None:
+        offload_model = device.type == "cuda" and world == 1
+    if offload_model and world > 1:
+        raise ValueError(f"--offload_model true is not supported with {world} ranks (each rank keeps both experts "
+                         "resident); drop it, or add --dit_fsdp to shard the experts instead")
+    if offload_model and device.type == "cpu":
+        offload_model = False  # nowhere to offload to: the CPU run is resident by definition
+    return (ExpertOffload(device, t5_cpu) if offload_model else Resident(device, t5_cpu)), offload_model
