@@ -185,11 +185,81 @@ def test_rebuild_fresh_state_and_python_int_t(solver, ref_fn):
     assert a == b
 
 
+# ---------------------------------------------------------------- euler (Wan2.2-Lightning fork)
+
+def ref_euler_sigmas(steps, shift):
+    """The fork's schedule written out independently: float64 grid rounded once to float32, then float32 math."""
+    grid = 1000.0 - np.arange(steps + 1, dtype=np.float64) * (1000.0 / steps)
+    grid[-1] = 0.0
+    s = torch.from_numpy(grid.astype(np.float32)) / 1000
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def test_euler_4_steps_shift5_exact():
+    sched, ts = build_scheduler("euler", 4, 5.0, "cpu")
+    assert ts.dtype == torch.float32 and ts.device.type == "cpu"
+    assert ts.tolist() == [1000.0, 937.5, 833.3333129882812, 625.0]  # unrounded: not 833
+    assert sched.timesteps.tolist() == ts.tolist()
+    assert sched.sigmas.dtype == torch.float32
+    assert sched.sigmas.tolist() == torch.tensor([1.0, 0.9375, 0.8333333, 0.625, 0.0]).tolist()
+    experts = [expert_for_timestep(t, BOUNDARY) for t in ts.tolist()]
+    assert experts == ["high", "high", "low", "low"]  # the fork's 2 + 2 split
+
+
+@pytest.mark.parametrize("steps", [1, 2, 8, 40])
+@pytest.mark.parametrize("shift", [5.0, 12.0, 1.0, 3.0])
+def test_euler_tables_other_settings(steps, shift):
+    sched, ts = build_scheduler("euler", steps, shift, "cpu")
+    ref = ref_euler_sigmas(steps, shift)
+    assert torch.equal(sched.sigmas, ref) and float(sched.sigmas[-1]) == 0.0
+    assert ts.dtype == torch.float32 and torch.equal(ts, ref[:-1] * 1000)
+    exact = _shift(np.linspace(1.0, 0.0, steps + 1), shift)  # float64 math: only fp32 rounding apart
+    assert np.abs(sched.sigmas.double().numpy() - exact).max() <= 1e-6
+    assert float(ts[0]) == 1000.0 and len(ts) == steps
+
+
+@pytest.mark.parametrize("steps,shift", [(4, 5.0), (7, 12.0), (1, 5.0)])
+def test_euler_step_update(steps, shift):
+    sched, ts = build_scheduler("euler", steps, shift, "cpu")
+    sched.set_begin_index(0)
+    g = torch.Generator().manual_seed(0)
+    shape = (1, 4, 3, 5, 6)
+    x = torch.randn(shape, generator=g)
+    sig = ref_euler_sigmas(steps, shift)
+    for i, t in enumerate(ts.tolist()):
+        v = torch.randn(shape, generator=g)
+        out = sched.step(v, t, x, return_dict=False)[0]
+        want = x + (sig[i + 1] - sig[i]) * v
+        assert out.dtype == torch.float32 and torch.equal(out, want)
+        x = out
+    assert sched.step_index == steps
+    with pytest.raises(IndexError):
+        sched.step(v, 0.0, x, return_dict=False)
+
+
+def test_euler_straight_flow_reaches_x0_and_dtypes():
+    # A constant velocity v = noise - x0 is integrated exactly: the last step lands on sigma 0, i.e. on x0.
+    sched, ts = build_scheduler("euler", 4, 5.0, "cpu")
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(2, 8, generator=g), torch.randn(2, 8, generator=g)
+    x = noise.clone()
+    for t in ts:
+        x = sched.step(noise - x0, t, x).prev_sample
+    assert (x - x0).abs().max() < 1e-5
+    # bf16 inputs: the update is done (and returned) in float32, like the fork
+    sched, _ = build_scheduler("euler", 4, 5.0, "cpu")
+    xb, vb = noise.bfloat16(), (noise - x0).bfloat16()
+    out = sched.step(vb, 1000.0, xb, return_dict=False)[0]
+    assert out.dtype == torch.float32 and torch.equal(out, xb.float() + (0.9375 - 1.0) * vb.float())
+    sched.set_begin_index(0)  # restarts the schedule
+    assert torch.equal(sched.step(vb, 1000.0, xb, return_dict=False)[0], out)
+
+
 # ---------------------------------------------------------------- errors
 
 def test_bad_solver():
-    with pytest.raises(ValueError, match=r"unipc.*dpm\+\+"):
-        build_scheduler("euler", 40, 12.0, "cpu")
+    with pytest.raises(ValueError, match=r"unipc.*dpm\+\+.*euler"):
+        build_scheduler("heun", 40, 12.0, "cpu")
 
 
 @pytest.mark.parametrize("steps", [0, -1, 2.5, True])
