@@ -75,7 +75,7 @@ def test_target_appears_during_write_is_not_clobbered(tmp_path, monkeypatch):
         return w
 
     monkeypatch.setattr(V, "_get_writer", racing_writer)
-    with pytest.raises(OutputPathError, match="exists"):
+    with pytest.raises(V.OutputRaceError, match="appeared while the video was being written"):
         save_video(_video(), path)
     assert path.read_bytes() == b"other"
     assert os.listdir(tmp_path) == ["out.mp4"]
@@ -155,3 +155,104 @@ def test_no_hardlink_filesystem_fallback(tmp_path, monkeypatch):
     with pytest.raises(OutputPathError, match="--overwrite"):
         V._publish_no_clobber(tmp_path / "x.mp4", path)  # target exists -> refused
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["out.mp4"]
+
+
+def test_default_save_name_is_safe_and_bounded():
+    now = datetime(2025, 7, 28, 9, 5, 3)
+    name = default_save_name("t2v-A14B", "1280*720", 1, "\U0001f431" * 300, now=now)
+    assert len(os.fsencode(name)) < 160  # + the 18 bytes of the temporary name: far below 255
+    name = default_save_name("t2v-A14B", "1280*720", 1, "a/b\\c\td\ne\x00f\x1bg\u200bh\u202ei", now=now)
+    assert "_a_b_c_d_e" in name and "f" in name and not any(ch in name for ch in "/\\\t\n\x00\x1b\u200b\u202e")
+    assert default_save_name("t2v-tiny", "64*64", 1, "two cats", now=now, index=7).startswith(
+        "t2v-tiny_64*64_0007_two_cats_20250728_090503")
+    assert V.safe_name_part("é" * 80) == "é" * 50  # the reference's 50 characters, 100 bytes
+    assert len(V.safe_name_part("\U0001f431" * 80).encode()) == 100
+
+
+def test_temp_name_has_a_fixed_length(tmp_path):
+    names = {V.temp_name(tmp_path / "out.mp4").name for _ in range(20)}
+    assert len(names) == 20 and {len(n) for n in names} == {len(".out.mp4.") + 8 + len(".tmp.mp4")}
+    assert all(n.startswith(".out.mp4.") and n.endswith(".tmp.mp4") for n in names)
+
+
+def test_symlinks_resolved_and_dangling_counts_as_existing(tmp_path):
+    real = tmp_path / "real.mp4"
+    real.write_bytes(b"r")
+    link = tmp_path / "link.mp4"
+    link.symlink_to(real)
+    dangling = tmp_path / "dangling.mp4"
+    dangling.symlink_to(tmp_path / "gone.mp4")
+    for p in (link, dangling):
+        with pytest.raises(OutputPathError, match="symlink"):
+            check_output_path(p)
+    assert check_output_path(link, overwrite=True) == real  # writes go to the real file, next to it
+    assert check_output_path(dangling, overwrite=True) == tmp_path / "gone.mp4"
+    save_video(_video(t=1), link, overwrite=True)
+    assert link.is_symlink() and real.read_bytes() != b"r"
+    d = tmp_path / "sub"
+    d.mkdir()
+    (tmp_path / "dirlink").symlink_to(d)
+    assert check_output_path(tmp_path / "dirlink" / "v.mp4") == d / "v.mp4"
+    assert sorted(os.listdir(tmp_path)) == ["dangling.mp4", "dirlink", "link.mp4", "real.mp4", "sub"]
+
+
+def test_probe_catches_names_too_long_for_the_filesystem(tmp_path):
+    ok = tmp_path / ("a" * 200 + ".mp4")
+    assert check_output_path(ok) == ok
+    too_long = tmp_path / ("a" * 248 + ".mp4")  # 252 bytes: fine itself, but its temporary name is 270
+    with pytest.raises(OutputPathError, match="too long"):
+        check_output_path(too_long)
+    with pytest.raises(OutputPathError, match="not a usable path"):
+        check_output_path(str(tmp_path / "a\x00b.mp4"))
+    with pytest.raises(OutputPathError, match="empty"):
+        check_output_path("")
+    assert os.listdir(tmp_path) == []
+
+
+def test_probe_catches_os_refusals(tmp_path, monkeypatch):
+    import errno
+
+    real_open = V.os.open
+
+    def refuse(path, flags, *a):
+        if str(path).endswith(".tmp.mp4"):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(V.os, "open", refuse)
+    with pytest.raises(OutputPathError, match="read-only"):
+        check_output_path(tmp_path / "v.mp4")
+
+
+def test_interrupt_during_write_leaves_nothing(tmp_path, monkeypatch):
+    from wan.utils.interrupt import Interrupted
+
+    real = V._get_writer
+    seen = {}
+
+    def interrupted_writer(tmp, fps, mbs):
+        w = real(tmp, fps, mbs)
+        append, n = w.append_data, [0]
+
+        def append_then_signal(frame):
+            append(frame)
+            n[0] += 1
+            if n[0] == 2:
+                seen["live"] = set(V._LIVE_TEMP_FILES)
+                raise Interrupted(2)
+        w.append_data = append_then_signal
+        return w
+
+    monkeypatch.setattr(V, "_get_writer", interrupted_writer)
+    with pytest.raises(Interrupted):
+        save_video(_video(), tmp_path / "out.mp4")
+    assert len(seen["live"]) == 1 and not V._LIVE_TEMP_FILES
+    assert os.listdir(tmp_path) == []
+
+
+def test_remove_temp_files(tmp_path):
+    tmp = tmp_path / ".x.mp4.00000000.tmp.mp4"
+    tmp.write_bytes(b"partial")
+    V._LIVE_TEMP_FILES.add(tmp)
+    V.remove_temp_files()
+    assert not tmp.exists() and not V._LIVE_TEMP_FILES

@@ -1,19 +1,45 @@
-"""Argument parsing and validation for generate.py: the reference's t2v flags, plus one flag per RuntimeOptions field."""
+"""Argument parsing and validation for generate.py: the reference's t2v flags, plus one flag per RuntimeOptions field.
+
+Every check here runs before anything loads and ends in one `UsageError` line that names the flag, the allowed
+range and (where there is one) the reason for the bound.
+"""
 from __future__ import annotations
 
 import argparse
+import math
 import os
-from dataclasses import MISSING, fields
+import unicodedata
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
 
 from .configs import SIZE_CONFIGS, WAN_CONFIGS
+from .modules.rope import MAX_POSITIONS
 from .options import FAST_PRESET, RuntimeOptions, fast_options
 
 EXAMPLE_PROMPT = ("Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a "
                   "spotlighted stage.")
+SOLVERS = ("unipc", "dpm++", "euler")
+# The Lightning fork's 4-step values (Wan2.2-Lightning wan/configs/wan_t2v_A14B.py): explicit flags win.
+DISTILLED_PRESET = dict(sample_solver="euler", sample_steps=4, sample_shift=5.0, sample_guide_scale=1.0)
+# Bounds, each with its reason (said in the error message).
+MAX_FRAMES = 1 + 4 * (MAX_POSITIONS - 1)  # latent frames = (F - 1) / 4 + 1 must fit the RoPE table
+MAX_STEPS = 1000  # the schedulers' 1000 training timesteps
+MAX_SHIFT = 100.0  # past this every step but the last sits near t = 1000
+MAX_GUIDE = 50.0  # the models are tuned for 1-5; far larger values only saturate the video
+MAX_LORA_STRENGTH = 10.0  # distilled LoRAs are made for 1.0
+CPU_PRACTICAL_TASKS = ("t2v-tiny",)
+_BLANK_CHARS = frozenset("\u115f\u1160\u3164\uffa0\u2800")  # fillers that render as nothing
 
 
 class UsageError(ValueError):
     """Bad command-line input: printed as one line, exit code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a parse error is a UsageError (one line, exit code 2) instead of usage text + SystemExit."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
 
 
 def str2bool(v) -> bool:
@@ -27,42 +53,100 @@ def str2bool(v) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {v!r}")
 
 
+_DERIVED_DEFAULTS = {"offload_model": "true on one GPU, false with several or on the CPU"}  # None = derived
+
+
+def _option_help(f) -> str:
+    meta, default = f.metadata, (f.default if f.default is not MISSING else None)
+    help_ = meta.get("help", "")
+    if "default:" in help_:  # the help states its own (derived) default, e.g. offload_model
+        return help_
+    shown = str(default).lower() if isinstance(default, bool) else default
+    if default is None:
+        shown = _DERIVED_DEFAULTS.get(f.name, "chosen at run time")
+    return f"{help_} (default: {shown})"
+
+
 def add_option_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per RuntimeOptions field, same name. Unset flags stay None so --fast can fill them."""
     for f in fields(RuntimeOptions):
-        meta, flag = f.metadata, f"--{f.name}"
-        default = f.default if f.default is not MISSING else None
-        help_ = f"{meta.get('help', '')} (default: {default})"
+        meta, flag, help_ = f.metadata, f"--{f.name}", _option_help(f)
         if f.type in ("bool", "bool | None"):
-            parser.add_argument(flag, type=str2bool, nargs="?", const=True, default=None, help=help_)
+            parser.add_argument(flag, type=str2bool, nargs="?", const=True, default=None, metavar="BOOL", help=help_)
         elif f.type == "int":
             parser.add_argument(flag, type=int, default=None, help=help_)
         else:
             parser.add_argument(flag, type=str, default=None, choices=meta.get("choices"), help=help_)
 
 
+def _per_task(attr: str, fmt=str) -> str:
+    """'81 for t2v-A14B, 17 for t2v-tiny': the task defaults, for help texts."""
+    return ", ".join(f"{fmt(getattr(cfg, attr))} for {name}" for name, cfg in WAN_CONFIGS.items())
+
+
+def _fast_help() -> str:
+    parts = [k if v is True else f"{k} {str(v).lower()}" for k, v in FAST_PRESET.items() if k != "offload_model"]
+    off = ("turns offload_model OFF (both experts stay resident) and "
+           if FAST_PRESET.get("offload_model") is False else "")
+    return (f"{off}turns on every exact speed switch: {', '.join(parts)}; flags given explicitly win, e.g. "
+            "--fast --offload_model true")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Generate a video from a text prompt with Wan 2.2 T2V-A14B.")
-    p.add_argument("--task", type=str, default="t2v-A14B", help=f"one of {', '.join(WAN_CONFIGS)}")
-    p.add_argument("--size", type=str, default=None, help="WIDTH*HEIGHT, e.g. 1280*720 (default: the task's)")
-    p.add_argument("--frame_num", type=int, default=None, help="frames, 4n+1 (default 81)")
-    p.add_argument("--ckpt_dir", type=str, default=None, help="the official Wan2.2-T2V-A14B folder")
-    p.add_argument("--save_file", type=str, default=None, help="output .mp4 (default: the reference's naming)")
-    p.add_argument("--overwrite", action="store_true", help="replace --save_file if it exists")
+    p = ArgumentParser(description="Generate a video from a text prompt with Wan 2.2 T2V-A14B.")
+    sizes = "; ".join(f"{name}: {', '.join(cfg.supported_sizes)}" for name, cfg in WAN_CONFIGS.items())
+    p.add_argument("--task", type=str, default="t2v-A14B",
+                   help=f"one of {', '.join(WAN_CONFIGS)} (t2v-tiny: a built-in random model for CPU smoke runs)")
+    p.add_argument("--size", type=str, default=None,
+                   help=f"WIDTH*HEIGHT ({sizes}); default: the task's, {_per_task('default_size')}")
+    p.add_argument("--frame_num", type=int, default=None,
+                   help=f"frames, 4n+1, at most {MAX_FRAMES}; default: the task's, {_per_task('frame_num')}")
+    p.add_argument("--ckpt_dir", type=str, default=None,
+                   help="the official Wan2.2-T2V-A14B folder (required for t2v-A14B); for t2v-tiny the folder its "
+                        "random checkpoint is written to (default: ~/.cache/wan22/)")
+    p.add_argument("--save_file", type=str, default=None,
+                   help="output .mp4 (default: the reference's naming, in --save_dir)")
+    p.add_argument("--save_dir", type=str, default=None,
+                   help="folder for default-named videos (default: the current folder); with --prompt_file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--prompt", type=str, default=None, help="text prompt (default: the reference's example)")
+    p.add_argument("--prompt_file", type=str, default=None,
+                   help="batch mode: one prompt per line (blank lines and lines starting with # are skipped); the "
+                        "models load once, one video per prompt")
     p.add_argument("--use_prompt_extend", action="store_true", help="(reference flag; not supported here)")
-    p.add_argument("--prompt_extend_method", type=str, default="local_qwen", choices=["dashscope", "local_qwen"])
-    p.add_argument("--prompt_extend_model", type=str, default=None)
-    p.add_argument("--prompt_extend_target_lang", type=str, default="zh", choices=["zh", "en"])
-    p.add_argument("--base_seed", type=int, default=-1, help="seed; -1 draws one")
-    p.add_argument("--sample_solver", type=str, default="unipc", choices=["unipc", "dpm++"])
-    p.add_argument("--sample_steps", type=int, default=None, help="denoising steps (default 40)")
-    p.add_argument("--sample_shift", type=float, default=None, help="flow shift (default 12.0)")
+    p.add_argument("--prompt_extend_method", type=str, default="local_qwen", choices=["dashscope", "local_qwen"],
+                   help="(reference flag; not supported here)")
+    p.add_argument("--prompt_extend_model", type=str, default=None, help="(reference flag; not supported here)")
+    p.add_argument("--prompt_extend_target_lang", type=str, default="zh", choices=["zh", "en"],
+                   help="(reference flag; not supported here)")
+    p.add_argument("--base_seed", type=int, default=-1, help="seed, -1 or 0 .. 2**63-1; -1 draws one (default: -1)")
+    p.add_argument("--sample_solver", type=str, default=None, choices=SOLVERS,
+                   help="sampler (default: unipc; euler with --distilled)")
+    p.add_argument("--sample_steps", type=int, default=None,
+                   help=f"denoising steps, 1..{MAX_STEPS}; default: the task's, {_per_task('sample_steps')} "
+                        "(4 with --distilled)")
+    p.add_argument("--sample_shift", type=float, default=None,
+                   help=f"flow shift, > 0 and at most {MAX_SHIFT:g}; default: the task's, "
+                        f"{_per_task('sample_shift')} (5.0 with --distilled)")
     p.add_argument("--sample_guide_scale", type=float, default=None,
-                   help="CFG scale for both experts (default: 3.0 low-noise, 4.0 high-noise)")
-    p.add_argument("--device", type=str, default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
-    p.add_argument("--fast", action="store_true",
-                   help=f"turn on every exact speed switch ({', '.join(FAST_PRESET)}); explicit flags override")
+                   help=f"CFG scale for both experts, 0..{MAX_GUIDE:g} (default: 3.0 low-noise, 4.0 high-noise; "
+                        "1.0, no CFG, with --distilled)")
+    p.add_argument("--lora_dir", type=str, default=None,
+                   help="LoRA folder in the Lightning layout: high_noise_model.safetensors and "
+                        "low_noise_model.safetensors")
+    p.add_argument("--lora_high", type=str, default=None,
+                   help="LoRA file for the high-noise expert (wins over --lora_dir's)")
+    p.add_argument("--lora_low", type=str, default=None,
+                   help="LoRA file for the low-noise expert (wins over --lora_dir's)")
+    p.add_argument("--lora_strength", type=float, nargs="+", default=None, metavar="S",
+                   help="LoRA strength: one value for both experts, or HIGH LOW (default: 1.0)")
+    p.add_argument("--distilled", action="store_true",
+                   help="few-step preset for a distilled (Lightning) LoRA: --sample_solver euler --sample_steps 4 "
+                        "--sample_shift 5.0, guidance 1.0 for both experts; needs --lora_dir (or --lora_high / "
+                        "--lora_low); flags given explicitly win")
+    p.add_argument("--device", type=str, default=None,
+                   help="cuda, cuda:N or cpu (default: cuda if present; t2v-A14B refuses to start without it)")
+    p.add_argument("--fast", action="store_true", help=_fast_help())
     add_option_arguments(p)
     return p
 
@@ -72,63 +156,193 @@ def options_from_args(args) -> RuntimeOptions:
     return fast_options(**explicit) if args.fast else RuntimeOptions(**explicit)
 
 
+# ---- prompts ----------------------------------------------------------------------------------------------------
+def is_blank_prompt(text: str | None) -> bool:
+    """True when nothing visible is left: only whitespace, control, format (zero-width ...), combining or filler
+    characters."""
+    for ch in text or "":
+        cat = unicodedata.category(ch)
+        if not (ch.isspace() or cat[0] in "CZ" or cat in ("Mn", "Me") or ch in _BLANK_CHARS):
+            return False
+    return True
+
+
+EMPTY_PROMPT = "the prompt is empty (only whitespace, control or invisible characters)"
+
+
+@dataclass
+class PromptLine:
+    index: int  # position among the prompt lines (names the video in batch mode)
+    lineno: int | None  # line in --prompt_file (None for --prompt)
+    text: str
+
+
+def read_prompt_file(path: str) -> tuple[list[PromptLine], list[tuple[int, str]]]:
+    """(prompts, bad lines as (line number, reason)). Blank lines and lines starting with '#' are skipped."""
+    f = Path(path)
+    if not f.is_file():
+        raise UsageError(f"--prompt_file {path} {'is not a file' if f.exists() else 'does not exist'}")
+    try:
+        text = f.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = f.read_bytes()[:exc.start].count(b"\n") + 1
+        raise UsageError(f"--prompt_file {path} is not UTF-8 text (line {line}); save it as UTF-8") from None
+    except OSError as exc:
+        raise UsageError(f"--prompt_file {path} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    prompts, bad, index = [], [], 0
+    for lineno, line in enumerate(text.split("\n"), 1):  # '\n' only: line numbers as an editor shows them
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        if is_blank_prompt(s):
+            bad.append((lineno, f"{EMPTY_PROMPT}; skipped"))
+        else:
+            prompts.append(PromptLine(index, lineno, s))
+        index += 1
+    if not prompts:
+        detail = f" (bad lines: {', '.join(str(n) for n, _ in bad)})" if bad else ""
+        raise UsageError(f"--prompt_file {path} holds no usable prompt{detail}; blank lines and lines starting "
+                         "with # are skipped")
+    return prompts, bad
+
+
+# ---- validation -------------------------------------------------------------------------------------------------
+def _finite(flag: str, value: float, lo: float, hi: float, lo_open: bool = False, why: str = "") -> None:
+    bad = not math.isfinite(value) or value > hi or (value <= lo if lo_open else value < lo)
+    if bad:
+        rng = f"{'> ' if lo_open else '>= '}{lo:g} and <= {hi:g}"
+        raise UsageError(f"{flag} must be a finite number {rng}{' (' + why + ')' if why else ''}, got {value}")
+
+
+def _check_numbers(args, cfg) -> None:
+    f = args.frame_num
+    if f < 1 or f > MAX_FRAMES or (f - 1) % 4 != 0:
+        lo = min(max(1, (f - 1) // 4 * 4 + 1), MAX_FRAMES - 4)
+        example = f"e.g. {lo} or {lo + 4}" if 1 <= f <= MAX_FRAMES else f"e.g. {cfg.frame_num}"
+        raise UsageError(f"--frame_num must be 4n+1 ({example}), from 1 to {MAX_FRAMES}: the VAE packs 4 frames "
+                         f"per latent frame after the first, and the DiT's RoPE table holds {MAX_POSITIONS} latent "
+                         f"frames; got {f}")
+    if not 1 <= args.sample_steps <= MAX_STEPS:
+        raise UsageError(f"--sample_steps must be between 1 and {MAX_STEPS} (the schedulers have {MAX_STEPS} "
+                         f"training timesteps), got {args.sample_steps}")
+    _finite("--sample_shift", args.sample_shift, 0.0, MAX_SHIFT, lo_open=True,
+            why=f"beyond {MAX_SHIFT:g} every step but the last sits near t = 1000")
+    if args.sample_guide_scale is not None:
+        _finite("--sample_guide_scale", args.sample_guide_scale, 0.0, MAX_GUIDE,
+                why="the models are tuned for 1 to 5; larger values only saturate the video")
+    if args.base_seed != -1 and not 0 <= args.base_seed < 2**63:
+        raise UsageError(f"--base_seed must be -1 (draw one) or in [0, 2**63), got {args.base_seed}")
+
+
+def _check_loras(args) -> None:
+    from .preflight import PathError, lora_files
+
+    given = any(v is not None for v in (args.lora_dir, args.lora_high, args.lora_low))
+    strength = args.lora_strength
+    if strength is not None:
+        if not given:
+            raise UsageError("--lora_strength needs a LoRA: pass --lora_dir, --lora_high or --lora_low")
+        if len(strength) not in (1, 2):
+            raise UsageError(f"--lora_strength takes one value (both experts) or two (HIGH LOW), got {len(strength)}")
+        for s in strength:
+            _finite("--lora_strength", s, -MAX_LORA_STRENGTH, MAX_LORA_STRENGTH,
+                    why="distilled LoRAs are made for 1.0")
+    args.lora_strength = tuple(strength) * (3 - len(strength)) if strength else (1.0, 1.0)
+    if args.distilled and not given:
+        raise UsageError("--distilled needs a distilled LoRA: pass --lora_dir DIR (the Lightning folder with "
+                         "high_noise_model.safetensors and low_noise_model.safetensors)")
+    try:
+        files = lora_files(args.lora_dir, args.lora_high, args.lora_low) if given else {"high": None, "low": None}
+    except PathError as exc:
+        raise UsageError(str(exc)) from None
+    args.lora_high, args.lora_low = files["high"], files["low"]
+
+
+def check_device(device: str | None, task: str) -> None:
+    """cpu, cuda or cuda:N of a visible GPU; t2v-A14B without CUDA and without --device is refused."""
+    import torch
+
+    if device is None:
+        if task not in CPU_PRACTICAL_TASKS and not torch.cuda.is_available():
+            raise UsageError(f"{task} needs a CUDA GPU and torch sees none (torch.cuda.is_available() is False); "
+                             "install a CUDA build of torch, or pass --device cpu if you really mean to run it on the "
+                             "CPU (hours per video)")
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise UsageError(f"--device {device} is not supported here; use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device} was asked for but CUDA is not available; use --device cpu "
+                             "(practical only for --task t2v-tiny) or install a CUDA build of torch")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise UsageError(f"--device {device}: only {n} CUDA device(s) are visible (cuda:0 .. cuda:{n - 1})")
+
+
 def validate_args(args) -> None:
     """Fill task defaults and reject bad input with one line that names the fix (before any weight loads)."""
     if args.task not in WAN_CONFIGS:
         raise UsageError(f"unknown task {args.task!r}; choose one of {', '.join(WAN_CONFIGS)}")
     cfg = WAN_CONFIGS[args.task]
+    if args.distilled:
+        for key, value in DISTILLED_PRESET.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    args.sample_solver = args.sample_solver or "unipc"
     args.size = args.size or cfg.default_size
     if args.size not in cfg.supported_sizes:
-        raise UsageError(f"size {args.size} is not supported by {args.task}; use WIDTH*HEIGHT, one of "
+        raise UsageError(f"--size {args.size} is not supported by {args.task}; use WIDTH*HEIGHT, one of "
                          f"{', '.join(cfg.supported_sizes)}")
     args.frame_num = cfg.frame_num if args.frame_num is None else args.frame_num
-    if args.frame_num < 1 or (args.frame_num - 1) % 4 != 0:
-        lo = max(1, (args.frame_num - 1) // 4 * 4 + 1)
-        raise UsageError(f"--frame_num must be 4n+1 (e.g. {lo} or {lo + 4}), got {args.frame_num}")
     args.sample_steps = cfg.sample_steps if args.sample_steps is None else args.sample_steps
-    if args.sample_steps < 1:
-        raise UsageError(f"--sample_steps must be >= 1, got {args.sample_steps}")
     args.sample_shift = cfg.sample_shift if args.sample_shift is None else args.sample_shift
-    if args.sample_shift <= 0:
-        raise UsageError(f"--sample_shift must be > 0, got {args.sample_shift}")
-    if args.sample_guide_scale is not None and args.sample_guide_scale < 0:
-        raise UsageError(f"--sample_guide_scale must be >= 0, got {args.sample_guide_scale}")
+    _check_numbers(args, cfg)
     if cfg.needs_ckpt_dir and not args.ckpt_dir:
         raise UsageError(f"--ckpt_dir is required for {args.task}: the folder of the official Wan2.2-T2V-A14B "
                          "download (huggingface-cli download Wan-AI/Wan2.2-T2V-A14B --local-dir ./Wan2.2-T2V-A14B)")
-    if args.prompt is None:
-        args.prompt = EXAMPLE_PROMPT
-    if not args.prompt.strip():
-        raise UsageError("the prompt is empty; pass --prompt \"...\"")
+    _check_prompts(args)
     if args.use_prompt_extend:
         raise UsageError("--use_prompt_extend is not supported by this implementation; extend the prompt yourself")
-    if args.base_seed >= 2**63 or args.base_seed < -1:
-        raise UsageError(f"--base_seed must be -1 or in [0, 2**63), got {args.base_seed}")
-    if args.device and args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda was asked for but CUDA is not available; use --device cpu "
-                             "(practical only for --task t2v-tiny) or install a CUDA build of torch")
+    _check_loras(args)
+    check_device(args.device, args.task)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         args.options = options_from_args(args)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    check_parallel_layout(args.options, world)
+    check_parallel_layout(args.options, world, cfg.arch.num_heads)
 
 
-def check_parallel_layout(options: RuntimeOptions, world: int) -> None:
-    """World size must equal ulysses_size x (2 with CFG parallel); heads (40) must divide by ulysses_size."""
-    cfg_ways = 2 if options.cfg_parallel else 1
-    if world == 1 and (options.ulysses_size > 1 or options.cfg_parallel or options.dit_fsdp or options.t5_fsdp):
-        raise UsageError("--ulysses_size > 1, --cfg_parallel, --dit_fsdp and --t5_fsdp need torchrun, e.g. "
-                         "torchrun --nproc_per_node=4 generate.py ... --ulysses_size 4")
-    if world > 1 and options.ulysses_size * cfg_ways != world:
-        raise UsageError(f"world size {world} must equal ulysses_size ({options.ulysses_size}) x "
-                         f"{cfg_ways} (cfg_parallel={options.cfg_parallel})")
-    if 40 % options.ulysses_size != 0:
-        raise UsageError(f"--ulysses_size {options.ulysses_size} must divide the 40 attention heads (1, 2, 4, 5, 8)")
+def _check_prompts(args) -> None:
+    """args.prompts: the PromptLines to run; args.bad_lines: [(line number, reason)] of --prompt_file."""
+    if args.prompt_file is not None:
+        if args.prompt is not None:
+            raise UsageError("--prompt and --prompt_file exclude each other; pass one of them")
+        if args.save_file is not None:
+            raise UsageError("--save_file names one video; with --prompt_file use --save_dir DIR (default names)")
+        args.prompts, args.bad_lines = read_prompt_file(args.prompt_file)
+    else:
+        if args.prompt is None:
+            args.prompt = EXAMPLE_PROMPT
+        if is_blank_prompt(args.prompt):
+            raise UsageError(f"{EMPTY_PROMPT}; pass --prompt \"...\"")
+        if args.save_file is not None and args.save_dir is not None:
+            raise UsageError("--save_file and --save_dir exclude each other; --save_dir holds default-named videos")
+        args.prompts, args.bad_lines = [PromptLine(0, None, args.prompt)], []
+
+
+def check_parallel_layout(options: RuntimeOptions, world: int, num_heads: int = 40) -> None:
+    """wan.options.check_parallel_layout, as a UsageError."""
+    from .options import check_parallel_layout as check
+
+    try:
+        check(options, world, num_heads=num_heads)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def guide_scale(args, cfg):
