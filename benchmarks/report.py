@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from benchmarks import fewstep
 from benchmarks.waterfall import markdown, projection
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,11 +57,13 @@ def full_table() -> str:
     run = full["runs"][-1]
     rep = load("h200_480p_repeat6.json")
     lines = ["| check | projected | measured | error |", "|---|---|---|---|",
-             f"| 480p --fast (FA3) DiT time, 40 steps | {full['projected_dit_s']:.1f} s | {full['measured_dit_s']:.1f} s "
+             f"| 480p --fast (FA3) DiT time, 40 steps | {full['projected_dit_s']:.1f} s | "
+             f"{full['measured_dit_s']:.1f} s "
              f"| {full['projection_error']:+.1%} |",
              f"| 480p --fast (FA3) whole video | {full['projected_video_s']:.1f} s | {run['total_s']:.1f} s | "
              f"{full['video_projection_error']:+.1%} |",
-             "", "| repeat (480p, --fast, 4 steps) | " + " | ".join(f"run {i + 1}" for i in range(len(rep["runs"]))) + " |",
+             "", "| repeat (480p, --fast, 4 steps) | "
+             + " | ".join(f"run {i + 1}" for i in range(len(rep["runs"]))) + " |",
              "|---|" + "---|" * len(rep["runs"]),
              "| seconds | " + " | ".join(f"{r['total_s']:.2f}" for r in rep["runs"]) + " |",
              "| peak GB | " + " | ".join(f"{r['peak_gb']:.2f}" for r in rep["runs"]) + " |",
@@ -68,8 +71,17 @@ def full_table() -> str:
     return "\n".join(lines)
 
 
+# few-step runs: each file one fresh-process run (40-step --fast row, few-step videos, VAE stages)
+FEWSTEP_FILES = ["h200_480p_fewstep.json", "h200_480p_fewstep_vae_bf16.json", "h200_720p_fewstep.json",
+                 "h200_720p_fewstep_vae_bf16.json"]
+
+
+def fewstep_table(name: str) -> str:
+    return fewstep.markdown(load(name)) + f"\n\nsources: {name}"
+
+
 def report() -> str:
-    parts = [waterfall_table(n) for n in STAGE_SOURCES] + [full_table()]
+    parts = [waterfall_table(n) for n in STAGE_SOURCES] + [full_table()] + [fewstep_table(n) for n in FEWSTEP_FILES]
     return "\n\n".join(parts)
 
 

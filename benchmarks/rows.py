@@ -177,17 +177,30 @@ def run_stages(args):
     sync(device)
     out["t5_to_gpu_s"] = time.perf_counter() - t0
     del t5
-    vae = random_vae(device, tiny)
     lat, _ = geometry(args.res, args.frame_num)
-    z = torch.randn(*lat, device=device)
-    vae.decode([z[:, :2]])  # warm
-    reset_peak(device)
-    sync(device)
-    t0 = time.perf_counter()
-    vae.decode([z])
-    sync(device)
-    out["vae_decode_s"], out["vae_peak_gb"] = time.perf_counter() - t0, peak_gb(device)["peak_gb"]
-    del vae
+    z = torch.randn(*lat, device=device, generator=torch.Generator(device=device).manual_seed(3))
+    out["vae"], videos = {}, {}
+    for name in args.vae_dtypes.split(","):
+        vae = random_vae(device, tiny, {"fp32": torch.float32, "bf16": torch.bfloat16}[name])
+        vae.decode([z[:, :2]])  # warm
+        reset_peak(device)
+        sync(device)
+        t0 = time.perf_counter()
+        video = vae.decode([z])[0]
+        sync(device)
+        entry = {"decode_s": time.perf_counter() - t0, **peak_gb(device)}
+        videos[name] = video.float().cpu()
+        if name != "fp32" and "fp32" in videos:
+            d = videos[name].double() - videos["fp32"].double()
+            entry["max_abs_vs_fp32"] = d.abs().max().item()
+            # PSNR of the [-1, 1] video (peak-to-peak 2), as the 8-bit video's would be
+            entry["psnr_vs_fp32_db"] = (10 * torch.log10(4.0 / d.pow(2).mean())).item()
+        out["vae"][name] = entry
+        del vae, video
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    first = out["vae"][next(iter(out["vae"]))]
+    out["vae_decode_s"], out["vae_peak_gb"] = first["decode_s"], first["peak_gb"]
     if args.transfers:
         for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
             m = random_expert(device, dtype, tiny=tiny)
@@ -279,7 +292,7 @@ def run_full(args):
         reset_peak(device)
         sync(device)
         t0 = time.perf_counter()
-        video = pipe.generate(prompt, **gen)
+        video = pipe.generate(f"{prompt} Take {i}.", **gen)  # batch mode: a new prompt each video
         sync(device)
         res = pipe.last_result
         runs.append(dict(total_s=time.perf_counter() - t0, stages=dict(res.timings), **peak_gb(device),
@@ -318,6 +331,7 @@ def main(argv=None):
     p.add_argument("--ref", default=None, help="compare with a file written by --save")
     p.add_argument("--profile", default=None, help="write a profiler summary of one forward here (row)")
     p.add_argument("--transfers", action="store_true", help="also time expert CPU<->GPU moves (stages)")
+    p.add_argument("--vae_dtypes", default="fp32", help="stages: VAE decode dtypes, e.g. fp32,bf16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     dist = None

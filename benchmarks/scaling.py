@@ -56,13 +56,16 @@ def main(argv=None) -> int:
         # the single-GPU row saves its output; multi-GPU rows report their difference to it (same seed and weights)
         extra = ["--save", str(ref)] if n == 1 else (["--ref", str(ref)] if ref.exists() else [])
         row = run_child(["--res", args.res, "--frame_num", str(args.frame_num), "row", "--steps", str(args.steps),
-                         "--options", json.dumps(opts), *extra], left, nproc=n) if left > 20 else {"error": "skipped: out of time"}
+                         "--options", json.dumps(opts), *extra], left, nproc=n) \
+            if left > 20 else {"error": "skipped: out of time"}
         row.update(nproc=n, layout=args.layout if n > 1 else "single", options=opts)
         rows.append(row)
-        print(f"[{time.perf_counter() - t0:6.0f} s] {n} GPU(s): " + (row.get("error") or f"{row['per_forward_s']:.3f} s/forward"),
+        print(f"[{time.perf_counter() - t0:6.0f} s] {n} GPU(s): "
+              + (row.get("error") or f"{row['per_forward_s']:.3f} s/forward"),
               flush=True)
     base_row = next((r for r in rows if r["nproc"] == 1 and "error" not in r), None)
-    lines = ["| GPUs | layout | s / forward | projected DiT s (40 steps) | speedup | efficiency | peak GB per GPU | attention "
+    lines = ["| GPUs | layout | s / forward | projected DiT s (40 steps) | speedup | efficiency | peak GB per GPU "
+             "| attention "
              "| pred rel diff vs 1 GPU |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:

@@ -35,7 +35,7 @@ WATERFALL = [
     ("--fast (attention auto: FA3 if installed)", {"attn_backend": "auto"}),
 ]
 DERIVED = {"+ offload_model false (experts resident)"}
-STEPS, HIGH_STEPS = 40, 26
+STEPS = 40
 
 
 def run_child(args: list[str], timeout: float, nproc: int = 1) -> dict:

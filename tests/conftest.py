@@ -1,4 +1,7 @@
-"""Shared fixtures: one tiny checkpoint folder in the official layout per test session."""
+"""Shared fixtures: one tiny checkpoint folder in the official layout per test session; the `gpu` marker and the
+GPU tier's JSON report (WAN_GPU_REPORT=path: each test's outcome and the numbers it recorded)."""
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,3 +23,43 @@ def tiny_pipe(tiny_ckpt):
     from wan.text2video import WanT2V
 
     return WanT2V(WAN_CONFIGS["t2v-tiny"], tiny_ckpt, device="cpu")
+
+
+_GPU_REPORT: dict = {}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run with -m gpu on the GPU machine)")
+
+
+@pytest.fixture
+def gpu_record(request):
+    """Record numbers for the GPU tier's JSON report: gpu_record(name=value, ...)."""
+    entry = _GPU_REPORT.setdefault(request.node.nodeid, {})
+
+    def record(**values):
+        entry.update(values)
+
+    return record
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" or report.outcome != "passed":
+        entry = _GPU_REPORT.setdefault(report.nodeid, {})
+        entry.setdefault("outcome", report.outcome)
+        if report.outcome != "passed":
+            entry["outcome"] = report.outcome
+            entry["detail"] = str(report.longrepr)[-600:]
+        entry["seconds"] = round(entry.get("seconds", 0) + report.duration, 3)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = os.environ.get("WAN_GPU_REPORT")
+    if not path:
+        return
+    import torch
+
+    env = {"torch": torch.__version__, "cuda": torch.version.cuda,
+           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+           "git_commit": os.environ.get("GIT_COMMIT", "unknown"), "exit_status": int(exitstatus)}
+    Path(path).write_text(json.dumps({"env": env, "tests": _GPU_REPORT}, indent=1, default=str))

@@ -50,7 +50,8 @@ def test_compare_metrics(tmp_path):
     assert 0.9 < r["ssim_mean"] < 1.0
     torch.save({"latent": torch.ones(4)}, tmp_path / "a.pt")
     torch.save(torch.ones(4) * 1.5, tmp_path / "b.pt")
-    t = compare.compare_tensors(compare.load_tensor(str(tmp_path / "a.pt")), compare.load_tensor(str(tmp_path / "b.pt")))
+    t = compare.compare_tensors(compare.load_tensor(str(tmp_path / "a.pt")),
+                                compare.load_tensor(str(tmp_path / "b.pt")))
     assert t["max_abs_diff"] == pytest.approx(0.5) and t["rel_l2_diff"] == pytest.approx(1 / 3)
     assert compare.main([str(tmp_path / "a.pt"), str(tmp_path / "x.mp4")]) == 2
 

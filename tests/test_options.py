@@ -91,7 +91,7 @@ def test_each_switch_keeps_the_video(tiny_pipe, original, flags):
 
 
 def test_ab_in_one_process_equals_fresh_pipelines(tiny_ckpt):
-    """original -> fast per-call -> original on one pipeline == fresh pipelines built with those options, bit for bit."""
+    """original -> fast per-call -> original on one pipeline == fresh pipelines with those options, bit for bit."""
     pipe = new_pipe(tiny_ckpt)
     first = generate(pipe)
     middle = generate(pipe, RuntimeOptions(**CALL_FAST))

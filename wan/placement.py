@@ -95,7 +95,7 @@ class ExpertOffload(Placement):
     def expert(self, name):
         needed = self.experts[name]
         if self.device.type == "cuda":
-            for other_name, other in self.experts.items():
+            for other in self.experts.values():
                 if other is not needed and _on(other).type == "cuda":
                     other.to(CPU)
             if _on(needed).type == "cpu":

@@ -108,7 +108,8 @@ class WanT2V:
         opts = options or RuntimeOptions()
         # the reference's boolean arguments fold into the options (an explicit True in either wins)
         opts = replace(opts, t5_fsdp=opts.t5_fsdp or t5_fsdp, dit_fsdp=opts.dit_fsdp or dit_fsdp,
-                       t5_cpu=opts.t5_cpu or t5_cpu, convert_model_dtype=opts.convert_model_dtype or convert_model_dtype)
+                       t5_cpu=opts.t5_cpu or t5_cpu,
+                       convert_model_dtype=opts.convert_model_dtype or convert_model_dtype)
         self.device = torch.device(device) if device is not None else (
             torch.device(f"cuda:{device_id}") if torch.cuda.is_available() else torch.device("cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -191,7 +192,8 @@ class WanT2V:
             self.text_encoder, self.vae = components["text_encoder"], components["vae"]
             self.low_noise_model, self.high_noise_model = components["low_noise_model"], components["high_noise_model"]
             if self.vae is not None and self.vae.dtype != vae_dtype:
-                raise ValueError(f"the given VAE is {self.vae.dtype}, options ask for vae_dtype={self.options.vae_dtype}")
+                raise ValueError(f"the given VAE is {self.vae.dtype}, options ask for "
+                                 f"vae_dtype={self.options.vae_dtype}")
             for expert, model in (("high", self.high_noise_model), ("low", self.low_noise_model)):
                 if expert in self.loras:
                     from .lora import merge_lora_
@@ -242,7 +244,8 @@ class WanT2V:
             self._attention_cache[options.attn_backend] = resolve_attention(options.attn_backend, self.device)
         self.attention = self._attention_cache[options.attn_backend]
         for model in (self.low_noise_model, self.high_noise_model):
-            model.configure(self.attention, fast_rope=options.fast_rope, fast_time_embedding=options.fast_time_embedding)
+            model.configure(self.attention, fast_rope=options.fast_rope,
+                            fast_time_embedding=options.fast_time_embedding)
             if options.compile:
                 compile_blocks(model, options.compile_mode)
             else:
@@ -287,9 +290,10 @@ class WanT2V:
                   return_latents):
         timer = StageTimer(self.device)
         w, h = size
-        lat_f, lat_h, lat_w = (frame_num - 1) // self.vae_stride[0] + 1, h // self.vae_stride[1], w // self.vae_stride[2]
+        (sf, sh, sw), (_, ph, pw) = self.vae_stride, self.patch_size
+        lat_f, lat_h, lat_w = (frame_num - 1) // sf + 1, h // sh, w // sw
         target_shape = (self.vae.model.config.z_dim, lat_f, lat_h, lat_w)
-        seq_len = math.ceil(lat_h * lat_w / (self.patch_size[1] * self.patch_size[2]) * lat_f / self.sp_size) * self.sp_size
+        seq_len = math.ceil(lat_h * lat_w / (ph * pw) * lat_f / self.sp_size) * self.sp_size
         n_prompt = n_prompt or self.sample_neg_prompt
         seed = seed if seed >= 0 else random.randint(0, sys.maxsize)
         seed_g = torch.Generator(device=self.device).manual_seed(seed)

@@ -60,13 +60,13 @@ class UlyssesAttention:
     def _heads_to_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """[B, L, H/P, D] -> [B, L/P, H, D]: the inverse exchange."""
         p = self.world
-        b, l, hp, d = x.shape
+        b, n, hp, d = x.shape
         # [P (token chunk = destination), B, L/P, H/P, D]
-        send = x.reshape(b, p, l // p, hp, d).movedim(1, 0).contiguous()
+        send = x.reshape(b, p, n // p, hp, d).movedim(1, 0).contiguous()
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
         # recv[i] holds head group i of this rank's tokens
-        return recv.movedim(0, 2).reshape(b, l // p, p * hp, d)
+        return recv.movedim(0, 2).reshape(b, n // p, p * hp, d)
 
     def __call__(self, q, k, v, k_lens=None):
         h = q.size(2)

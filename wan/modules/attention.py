@@ -135,7 +135,8 @@ def resolve_attention(requested: str, device: torch.device) -> AttentionBackend:
                 "attention backend flash3 requested but neither flash_attn_interface nor fa3_fwd_interface imports; "
                 "pip install fa3-fwd (Hopper) or choose --attn_backend cudnn")
         if not on_cuda:
-            raise BackendUnavailableError("attention backend flash3 needs a CUDA device; use --attn_backend sdpa on CPU")
+            raise BackendUnavailableError("attention backend flash3 needs a CUDA device; "
+                                          "use --attn_backend sdpa on CPU")
         backend = AttentionBackend(f"flash3 ({module})", _flash3_kernel(fn))
     elif requested == "flash2":
         fn = _import_flash2()
@@ -143,7 +144,8 @@ def resolve_attention(requested: str, device: torch.device) -> AttentionBackend:
             raise BackendUnavailableError("attention backend flash2 requested but flash_attn is not installed; "
                                           "pip install flash-attn or choose --attn_backend cudnn")
         if not on_cuda:
-            raise BackendUnavailableError("attention backend flash2 needs a CUDA device; use --attn_backend sdpa on CPU")
+            raise BackendUnavailableError("attention backend flash2 needs a CUDA device; "
+                                          "use --attn_backend sdpa on CPU")
         backend = AttentionBackend("flash2 (flash_attn)", fn)
     elif requested == "sdpa":
         backend = AttentionBackend("sdpa (torch default dispatch)", _sdpa_kernel(None))
@@ -151,7 +153,8 @@ def resolve_attention(requested: str, device: torch.device) -> AttentionBackend:
         backend = AttentionBackend("math (sdpa)", _sdpa_kernel("math"))
     else:
         if not on_cuda:
-            raise BackendUnavailableError(f"attention backend {requested} needs a CUDA device; use --attn_backend sdpa on CPU")
+            raise BackendUnavailableError(f"attention backend {requested} needs a CUDA device; "
+                                          "use --attn_backend sdpa on CPU")
         backend = AttentionBackend(f"{requested} (sdpa)", _aten_kernel(requested))
     _probe(backend, device)
     log.info("attention backend: %s", backend.name)

@@ -40,7 +40,8 @@ def shard_map(folder: Path) -> dict[str, list[str]]:
         raise FileNotFoundError(f"missing {index} (and no single {SINGLE_NAME}); re-download this expert folder")
     missing = [name for name in shards if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"missing shard {folder / missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"missing shard {folder / missing[0]}" + more
                                 + "; the download is incomplete")
     return shards
 
@@ -122,7 +123,8 @@ def save_wan_model(model: torch.nn.Module, folder, max_shard_bytes: int = 10 * 2
         save_file({k: state[k].detach().contiguous().cpu() for k in keys}, folder / fname)
         weight_map.update({k: fname for k in keys})
         total += sum(state[k].numel() * state[k].element_size() for k in keys)
-    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
 
 
 DOWNLOAD_HINT = "download it with: huggingface-cli download Wan-AI/Wan2.2-T2V-A14B --local-dir ./Wan2.2-T2V-A14B"

@@ -9,7 +9,6 @@ Shapes: d = dim, L = padded token count (seq_len), H = heads, D = head dim = d /
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
@@ -18,16 +17,10 @@ import torch.nn as nn
 from ..configs.model_config import WanConfig
 from ..distributed.ulysses import UlyssesAttention, gather_tokens, shard_tokens
 from .attention import DEFAULT_ATTENTION, AttentionBackend
+from .precision import fp32_region
 from .rope import FastRope, ReferenceRope
 
 __all__ = ["WanModel", "sinusoidal_embedding_1d"]
-
-
-def fp32_region(device_type: str):
-    """The reference's `autocast(dtype=float32)` regions. CPU autocast has no fp32 mode: there, turn it off."""
-    if device_type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float32)
-    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
 
 
 def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
@@ -207,7 +200,7 @@ class WanModel(nn.Module):
 
     def _bind_attention(self):
         # self-attention sees the whole sequence through the Ulysses exchange; cross-attention is always local
-        self_attention = UlyssesAttention(self.attention, self.sp_group) if self.sp_group is not None else self.attention
+        self_attention = self.attention if self.sp_group is None else UlyssesAttention(self.attention, self.sp_group)
         for block in self.blocks:
             block.self_attn.attention, block.cross_attn.attention = self_attention, self.attention
             block.self_attn.rope = block.cross_attn.rope = self.rope
@@ -292,7 +285,8 @@ class WanModel(nn.Module):
     def estimate_flops(self, seq_len: int, text_len: int | None = None) -> float:
         """Matmul FLOPs of one batch-1 forward (linears + attention), for MFU reporting."""
         d, f, n_txt = self.dim, self.ffn_dim, text_len or self.text_len
-        per_block = 2 * seq_len * d * d * 4 + 2 * seq_len * d * d * 2 + 2 * n_txt * d * d * 2  # qkvo, cross q/o, cross k/v
+        # qkvo, cross q/o, cross k/v
+        per_block = 2 * seq_len * d * d * 4 + 2 * seq_len * d * d * 2 + 2 * n_txt * d * d * 2
         per_block += 2 * seq_len * d * f * 2  # ffn
         per_block += 4 * seq_len * seq_len * d + 4 * seq_len * n_txt * d  # self + cross attention
         return float(per_block * self.num_layers)

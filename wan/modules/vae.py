@@ -12,6 +12,8 @@ import zipfile
 
 import torch
 
+from .precision import fp32_region, no_autocast
+
 __all__ = ["Wan2_1_VAE", "WAN21_VAE_MEAN", "WAN21_VAE_STD", "load_wan_vae_state_dict", "build_wan_vae"]
 
 # Per-latent-channel normalisation constants of the official Wan 2.1 VAE (z_dim 16).
@@ -102,15 +104,10 @@ class Wan2_1_VAE:
         self.model = model.eval().requires_grad_(False).to(self.device)
 
     def _fp32_ctx(self):
-        # The reference nests an fp32 autocast inside the pipeline's bf16 one; CPU autocast has no
-        # fp32 mode, so there we simply switch any outer autocast off. A bf16 VAE (--vae_dtype bf16)
-        # computes in its own dtype: autocast off.
+        # The reference nests an fp32 autocast inside the pipeline's bf16 one; a bf16 VAE (--vae_dtype bf16)
+        # computes in its own dtype.
         kind = self.device.type
-        if kind == "cuda" and self.dtype == torch.float32:
-            return torch.autocast("cuda", dtype=torch.float32)
-        if torch.amp.is_autocast_available(kind):
-            return torch.autocast(kind, enabled=False)
-        return contextlib.nullcontext()
+        return fp32_region(kind) if self.dtype == torch.float32 else no_autocast(kind)
 
     def _view(self, t):  # [16] -> [16,1,1,1] to broadcast over [16,T,h,w]
         return t.view(-1, 1, 1, 1)

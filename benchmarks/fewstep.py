@@ -1,0 +1,109 @@
+"""Few-step rows beside their 40-step baseline, each in a fresh process, all in one run:
+
+    python -m benchmarks.fewstep --res 720p --out benchmarks/results/h200_720p_fewstep.json
+
+1. the 40-step `--fast` row (3+ timed denoising steps of the real loop, CFG on: two forwards per step) and its
+   projected video time;
+2. a whole few-step generation as `--distilled` runs it (random rank-64 LoRAs in the Lightning layout merged into
+   random full-size experts, Euler, 4 steps, shift 5, guidance 1: one forward per step, `--fast` switches), the first
+   video (compile included) and `--repeat` steady videos in the same process (what batch mode does), stage by stage;
+3. VAE decode at this size in fp32 and bf16 with the error of bf16 against fp32 (the stages row).
+Random weights bound timing and numerics, not quality: the quality of a few-step video depends on the LoRA.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.waterfall import environment, projection, run_child
+from wan.options import FAST_PRESET
+
+DISTILLED = dict(solver="euler", sampling_steps=4, shift=5.0, guide=(1.0, 1.0))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--res", default="720p", choices=["480p", "720p", "tiny"])
+    p.add_argument("--frame_num", type=int, default=81)
+    p.add_argument("--steps", type=int, default=3, help="timed steps of the 40-step row")
+    p.add_argument("--repeat", type=int, default=2, help="steady few-step videos after the first")
+    p.add_argument("--lora_rank", type=int, default=64)
+    p.add_argument("--options", default=json.dumps(FAST_PRESET), help="RuntimeOptions as JSON (default --fast)")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: row,fewstep,stages")
+    p.add_argument("--deadline", type=float, default=560)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    left = lambda: args.deadline - (time.perf_counter() - t0)  # noqa: E731
+    common = ["--res", args.res, "--frame_num", str(args.frame_num)]
+    skip = set(args.skip.split(",")) - {""}
+    record = {"env": environment(), "res": args.res, "frame_num": args.frame_num, "options": json.loads(args.options)}
+    if "stages" not in skip:
+        record["stages"] = run_child([*common, "stages", "--vae_dtypes", "fp32,bf16"], left())
+        print(f"[{time.perf_counter() - t0:5.0f} s] stages: {json.dumps(record['stages'])[:300]}", flush=True)
+    if "row" not in skip:
+        row = run_child([*common, "row", "--steps", str(args.steps), "--options", args.options], left())
+        if "error" not in row:
+            row["projection"] = projection(row, json.loads(args.options), record.get("stages"))
+        record["row_40_steps"] = row
+        print(f"[{time.perf_counter() - t0:5.0f} s] 40-step row: {json.dumps(row)[:300]}", flush=True)
+    if "fewstep" not in skip:
+        d = DISTILLED
+        record["fewstep"] = run_child([*common, "full", "--options", args.options, "--solver", d["solver"],
+                                       "--sampling_steps", str(d["sampling_steps"]), "--shift", str(d["shift"]),
+                                       "--guide", *map(str, d["guide"]), "--lora_rank", str(args.lora_rank),
+                                       "--repeat", str(args.repeat)], left())
+        print(f"[{time.perf_counter() - t0:5.0f} s] few-step: {json.dumps(record['fewstep'])[:300]}", flush=True)
+    record["wall_s"] = time.perf_counter() - t0
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(record, indent=2))
+    print(markdown(record))
+    return 0
+
+
+def markdown(record: dict) -> str:
+    env = record["env"]
+    lines = [f"### {env.get('gpu', 'cpu')}, {record['res']}, {record['frame_num']} frames, torch {env['torch']}, "
+             f"commit {env['git_commit']}", "| row | seconds per video | per forward | forwards | peak GB "
+             "(allocated / reserved) | notes |", "|---|---|---|---|---|---|"]
+    row = record.get("row_40_steps")
+    if row and "error" not in row:
+        sp = row["step_spread"]
+        video = row["projection"].get("video_s")
+        lines.append(f"| 40 steps, CFG, --fast (projected) | {video if video is None else round(video, 1)} | "
+                     f"{row['per_forward_s']:.3f} s (step median {sp['median']:.2f}, min {sp['min']:.2f}, max "
+                     f"{sp['max']:.2f}, n {sp['n']}) | 80 | {row['peak_gb']:.1f} / {row['peak_reserved_gb']:.1f} "
+                     f"| {row['backend']} |")
+    elif row:
+        lines.append(f"| 40 steps, CFG, --fast | error: {row['error'][-150:]} | | | | |")
+    few = record.get("fewstep")
+    if few and "error" not in few:
+        st = few["steady_video_s"]
+        steady = few["runs"][1:] or few["runs"]
+        stages = {k: round(sum(r["stages"].get(k, 0) for r in steady) / len(steady), 2) for k in steady[0]["stages"]}
+        dit = stages.get("dit_high", 0) + stages.get("dit_low", 0)
+        merge = sum(v for k, v in few.get("load_timings", {}).items() if k.startswith("lora_merge"))
+        lines.append(f"| 4 steps, Euler, guidance 1, rank-{few['lora_rank']} LoRAs, --fast (measured) | "
+                     f"{st['median']:.1f} (min {st['min']:.1f}, max {st['max']:.1f}, n {st['n']}); first video "
+                     f"{few['first_video_s']:.1f} | {dit / few['sampling_steps']:.3f} s | {few['sampling_steps']} | "
+                     f"{max(r['peak_gb'] for r in steady):.1f} / {max(r['peak_reserved_gb'] for r in steady):.1f} | "
+                     f"stages {json.dumps(stages)}; LoRA merge {merge:.1f} s; experts "
+                     f"{''.join(h[0] for h in few['runs'][-1]['expert_trace'])} |")
+    elif few:
+        lines.append(f"| few-step | error: {few['error'][-150:]} | | | | |")
+    st = record.get("stages")
+    if st and "error" not in st and "vae" in st:
+        for name, v in st["vae"].items():
+            err = "" if name == "fp32" else (f"max abs {v['max_abs_vs_fp32']:.1e}, PSNR {v['psnr_vs_fp32_db']:.1f} dB "
+                                             "vs fp32")
+            lines.append(f"| VAE decode {name} | {v['decode_s']:.2f} | | | {v['peak_gb']:.1f} / "
+                         f"{v['peak_reserved_gb']:.1f} | {err} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
