@@ -86,6 +86,10 @@ def run_row(args):
     pipe = random_pipeline(opts, device, tiny=args.res == "tiny", n_experts=1 if opts.offload_model is not False else 2,
                            with_text=False)
     build_s = time.perf_counter() - t0
+    if args.memory_cap_gb and device.type == "cuda":  # emulate a smaller card from here on (weights are placed)
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gb * 1e9 / total, device)
     noise, ctx, ctx_null, seq_len = inputs(args.res, device, args.frame_num)
     seq_len = -(-seq_len // pipe.sp_size) * pipe.sp_size  # a multiple of the Ulysses degree, as generate() does
     guide = (1.0, 1.0) if args.guidance_one else (3.0, 4.0)
@@ -116,7 +120,8 @@ def run_row(args):
                   tflops=model.estimate_flops(seq_len) / (per_step / forwards) / 1e12, **peak_gb(device),
                   gpu=gpu, resident_experts=1 if pipe.low_noise_model is pipe.high_noise_model else 2,
                   backends=pipe.backends(), backend=pipe.attention.name, rope=model.rope.name, build_s=build_s,
-                  warmup_s=warmup_s, world_size=pipe.world_size,
+                  warmup_s=warmup_s, world_size=pipe.world_size, memory_cap_gb=args.memory_cap_gb,
+                  placement=pipe.placement.describe(),
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     if args.save:
         torch.save({"latent": latent.float().cpu(), "pred": preds[0].float().cpu()}, args.save)
@@ -321,6 +326,7 @@ def main(argv=None):
     p.add_argument("--options", default="{}", help="RuntimeOptions fields as JSON")
     p.add_argument("--steps", type=int, default=3, help="timed denoising steps (row) or timed forwards (peer)")
     p.add_argument("--guidance_one", action="store_true", help="row: guidance 1 (one pass per step)")
+    p.add_argument("--memory_cap_gb", type=float, default=0, help="row: cap this process's GPU memory after building")
     p.add_argument("--sampling_steps", type=int, default=40, help="steps of the full generation")
     p.add_argument("--solver", default="unipc", help="full: sample_solver")
     p.add_argument("--shift", type=float, default=12.0, help="full: flow shift")

@@ -83,6 +83,18 @@ def test_offload_equals_resident_on_gpu(tiny_ckpt, gpu_record):
     assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
 
 
+def test_block_streamed_equals_resident_on_gpu(tiny_ckpt, gpu_record):
+    """Pinned host blocks through 2 device slots on a side stream: the same bits as resident, compiled too."""
+    a = run(pipe_for(tiny_ckpt, offload_model=False, convert_model_dtype=True, compile=True))
+    p = pipe_for(tiny_ckpt, stream_blocks=2, convert_model_dtype=True, compile=True)
+    b = run(p)
+    blocks = p.high_noise_model.blocks
+    gpu_record(copies=p.placement.streamer.copies, on_demand=p.placement.streamer.on_demand,
+               max_abs_latent=(a[1] - b[1]).abs().max().item())
+    assert all(t.is_pinned() for t in blocks[0].parameters()) and p.high_noise_model.head.head.weight.is_cuda
+    assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
+
+
 def test_tf32_is_restored_and_ab_equals_fresh_pipelines(tiny_ckpt, gpu_record):
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     pipe = pipe_for(tiny_ckpt, offload_model=False)

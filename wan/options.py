@@ -34,6 +34,9 @@ class RuntimeOptions:
         "several or on the CPU"))
     convert_model_dtype: bool = field(default=False, metadata=_load("DiT weights in bf16 (they are fp32 on disk)"))
     t5_cpu: bool = field(default=False, metadata=_load("run the T5 text encoder on the CPU"))
+    stream_blocks: int = field(default=0, metadata=_load(
+        "keep both experts in host memory and stream the running DiT blocks through this many GPU buffers "
+        "(2-4; 0: off): for cards that cannot hold an expert"))
     vae_dtype: str = field(default="fp32", metadata=_load(
         "VAE weights and decode dtype (the reference: fp32)", choices=VAE_DTYPES))
     ulysses_size: int = field(default=1, metadata=_load("Ulysses sequence-parallel degree (torchrun)"))
@@ -66,6 +69,11 @@ class RuntimeOptions:
             raise ValueError(f"vae_dtype must be one of {', '.join(VAE_DTYPES)}, got {self.vae_dtype!r}")
         if self.ulysses_size < 1:
             raise ValueError(f"ulysses_size must be >= 1, got {self.ulysses_size}")
+        if not 0 <= self.stream_blocks <= 40:
+            raise ValueError(f"stream_blocks must be 0 (off) or 1..40 buffers, got {self.stream_blocks}")
+        if self.stream_blocks and self.compile and self.compile_mode == "max-autotune":
+            raise ValueError("compile_mode max-autotune records CUDA graphs with fixed weight addresses, which block "
+                             "streaming swaps; use compile_mode default or max-autotune-no-cudagraphs")
 
     def changed(self) -> dict:
         """Fields that differ from the original path (for logs and benchmark records)."""

@@ -5,6 +5,9 @@ built, and the only code that moves weights between host and GPU.
   from a temporary device copy (or on the CPU with t5_cpu).
 - `ExpertOffload`: the reference on one GPU: experts load into host memory, the active one is moved up and the
   other down at the expert switch, both go down after sampling; T5 goes up to encode and back down.
+- `BlockStreamed`: both experts' blocks in pinned host memory, the running block copied into a small ring of device
+  buffers a few blocks ahead on a side stream (wan/block_stream.py); embeddings and head resident. For cards that
+  cannot hold an expert.
 - `Sharded`: FSDP2 over the whole world (per-block units, bf16 gathers on GPUs); T5 optionally sharded too.
 """
 from __future__ import annotations
@@ -119,6 +122,29 @@ class ExpertOffload(Placement):
             torch.cuda.empty_cache()
 
 
+class BlockStreamed(Placement):
+    name = "block-streamed"
+
+    def __init__(self, device, t5_cpu, slots: int):
+        super().__init__(device, t5_cpu)
+        from .block_stream import BlockStreamer
+
+        self.streamer = BlockStreamer(self.device, slots)
+
+    def attach(self, experts, text_encoder):
+        super().attach(experts, text_encoder)
+        for m in experts.values():
+            self.streamer.add(m)  # blocks to (pinned) host memory; the rest (embeddings, head) to the device
+            for name, child in m.named_children():
+                if name != "blocks":
+                    child.to(self.device)
+
+    def where(self):
+        return (f"host memory (blocks, {'pinned' if self.device.type == 'cuda' else 'pageable'}) streamed through "
+                f"{self.streamer.n} device slots of {self.streamer.slot_bytes() / self.streamer.n / 1e9:.2f} GB; "
+                f"embeddings and head on {self.device}")
+
+
 class Sharded(Placement):
     name = "FSDP"
 
@@ -146,9 +172,14 @@ class Sharded(Placement):
 
 def choose_placement(offload_model: bool | None, device: torch.device, world: int, t5_cpu: bool,
                      dit_fsdp: bool = False, t5_fsdp: bool = False, mesh=None,
-                     param_dtype: torch.dtype = torch.bfloat16) -> tuple[Placement, bool]:
+                     param_dtype: torch.dtype = torch.bfloat16, stream_blocks: int = 0) -> tuple[Placement, bool]:
     """(placement, resolved offload_model). offload_model None: the reference's default, true on one GPU only."""
     device = torch.device(device)
+    if stream_blocks:
+        if offload_model or dit_fsdp:
+            raise ValueError("--stream_blocks cannot be combined with --offload_model true or --dit_fsdp: it is "
+                             "its own placement (blocks in host memory, streamed to the GPU)")
+        return BlockStreamed(device, t5_cpu, stream_blocks), False
     if dit_fsdp and world > 1:
         if offload_model:
             raise ValueError("--offload_model true cannot be combined with --dit_fsdp: the shards stay on the GPUs")

@@ -136,7 +136,7 @@ class WanT2V:
         self.sp_size = opts.ulysses_size
         param_dtype = config.param_dtype if self.device.type == "cuda" else torch.float32
         self.placement, offload = choose_placement(opts.offload_model, self.device, self.world_size, opts.t5_cpu,
-                                                   opts.dit_fsdp, opts.t5_fsdp, mesh, param_dtype)
+                                                   opts.dit_fsdp, opts.t5_fsdp, mesh, param_dtype, opts.stream_blocks)
         if opts.convert_model_dtype and self.device.type == "cpu":
             # bf16 weights need the CUDA bf16 autocast the reference runs under; record that fp32 is what runs
             log.warning("convert_model_dtype has no effect on the CPU: the DiT runs in fp32 there")

@@ -1,0 +1,114 @@
+"""Block streaming: DiT blocks kept in (pinned) host memory run from a small ring of device buffers.
+
+Every block of an expert has the same parameter shapes, so `slots` device buffers of one block's size serve all
+of them. Per block call (forward hooks, outside any compiled graph):
+  pre(i):  the compute stream waits for slot(i)'s copy-done event; block i's parameters point at the slot;
+  post(i): block i's parameters point back at their host tensors; the slot's free event is recorded on the compute
+           stream; block i + slots (in program order, wrapping to block 0 of the next step) is copied into the
+           freed slot on a side stream that first waits for that free event.
+So the copy of block i + 1 .. i + slots - 1 runs while block i computes. A block that was not prefetched (the first
+block after the expert switch) is copied on demand. On the CPU the same machinery runs with synchronous copies.
+Parameters keep their names and objects: `state_dict()` returns the host tensors, compiled block forwards see one
+graph (parameters are graph inputs), and nothing moves outside this object.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["BlockStreamer"]
+
+
+class BlockStreamer:
+    def __init__(self, device, slots: int):
+        if slots < 1:
+            raise ValueError(f"block streaming needs at least 1 slot, got {slots}")
+        self.device, self.n = torch.device(device), slots
+        self.cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.host: dict[int, list[list[torch.Tensor]]] = {}  # model id -> per block, its host tensors
+        self.slots: list[list[torch.Tensor]] | None = None
+        self.where: dict[tuple[int, int], int] = {}  # (model id, block) -> slot holding it
+        self.held: list[tuple[int, int] | None] = []
+        self.ready: list = []
+        self.free: list = []
+        self.copies = 0  # blocks copied (for tests and logs)
+        self.on_demand = 0  # of which not prefetched
+        self._hooks = []
+
+    # ---- setup ---------------------------------------------------------------------------------------------
+    def add(self, model) -> None:
+        """Move `model.blocks` to host memory (pinned on CUDA) and stream them from now on."""
+        mid, blocks = id(model), list(model.blocks)
+        host = []
+        for block in blocks:
+            tensors = []
+            for p in block.parameters():
+                data = p.data.to("cpu")
+                p.data = data.pin_memory() if self.cuda else data
+                tensors.append(p.data)
+            host.append(tensors)
+        shapes = [[(t.shape, t.dtype) for t in ts] for ts in host]
+        if any(s != shapes[0] for s in shapes):
+            raise ValueError("block streaming needs every block of a model to have the same parameter shapes")
+        if self.slots is None:
+            self.n = min(self.n, len(blocks))
+            self.slots = [[torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in host[0]]
+                          for _ in range(self.n)]
+            self.held = [None] * self.n
+            if self.cuda:
+                self.ready = [torch.cuda.Event() for _ in range(self.n)]
+                self.free = [torch.cuda.Event() for _ in range(self.n)]
+        elif [(t.shape, t.dtype) for t in self.slots[0]] != shapes[0]:
+            raise ValueError("block streaming: every streamed model must have blocks of the same shapes")
+        self.host[mid] = host
+        for i, block in enumerate(blocks):
+            self._hooks.append(block.register_forward_pre_hook(self._pre(mid, i)))
+            self._hooks.append(block.register_forward_hook(self._post(mid, i)))
+
+    def slot_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ts in (self.slots or []) for t in ts)
+
+    # ---- the ring ------------------------------------------------------------------------------------------
+    def _issue(self, key: tuple[int, int], s: int) -> None:
+        """Copy block `key` into slot `s` (after the slot's last reader is done)."""
+        old = self.held[s]
+        if old is not None:
+            self.where.pop(old, None)
+        src = self.host[key[0]][key[1]]
+        if self.cuda:
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_event(self.free[s])
+                for dst, t in zip(self.slots[s], src):
+                    dst.copy_(t, non_blocking=True)
+                self.ready[s].record(self.stream)
+        else:
+            for dst, t in zip(self.slots[s], src):
+                dst.copy_(t)
+        self.held[s], self.where[key] = key, s
+        self.copies += 1
+
+    def _pre(self, mid: int, i: int):
+        def hook(block, args):
+            key = (mid, i)
+            s = self.where.get(key)
+            if s is None:  # not prefetched (first use, or the first blocks after the expert switch)
+                s = i % self.n
+                self._issue(key, s)
+                self.on_demand += 1
+            if self.cuda:
+                torch.cuda.current_stream(self.device).wait_event(self.ready[s])
+            for p, dst in zip(block.parameters(), self.slots[s]):
+                p.data = dst
+        return hook
+
+    def _post(self, mid: int, i: int):
+        def hook(block, args, output):
+            s = self.where[(mid, i)]
+            for p, src in zip(block.parameters(), self.host[mid][i]):
+                p.data = src
+            if self.cuda:
+                self.free[s].record(torch.cuda.current_stream(self.device))
+            nxt = (mid, (i + self.n) % len(self.host[mid]))
+            if nxt not in self.where:
+                self._issue(nxt, s)
+        return hook
