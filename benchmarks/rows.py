@@ -89,7 +89,8 @@ def run_row(args):
     if args.memory_cap_gb and device.type == "cuda":  # emulate a smaller card from here on (weights are placed)
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gb * 1e9 / total, device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gb * 1e9 / total, index)
     noise, ctx, ctx_null, seq_len = inputs(args.res, device, args.frame_num)
     seq_len = -(-seq_len // pipe.sp_size) * pipe.sp_size  # a multiple of the Ulysses degree, as generate() does
     guide = (1.0, 1.0) if args.guidance_one else (3.0, 4.0)

@@ -299,6 +299,28 @@ def test_generate_two_ranks_matches_single_process(tmp_path, tiny_ckpt, single_p
     assert (tmp_path / "v.mp4").stat().st_size > 0
 
 
+def test_distilled_lora_ulysses_two_ranks_matches_single_process(tmp_path, tiny_ckpt):
+    """--distilled with a LoRA (Euler, guidance 1: one pass per step) under Ulysses on 2 ranks == one process."""
+    import generate
+    import wan.text2video as t2v
+    from wan.configs.model_config import TINY
+    from wan.testing.random_lora import write_random_lora_dir
+
+    lora = write_random_lora_dir(tmp_path / "lora", TINY, rank=4, seed=9)
+    flags = ["--distilled", "--lora_dir", str(lora)]
+    orig = _capture_generate(tmp_path / "single.pt")
+    try:
+        assert generate.main(_gen_argv(tiny_ckpt, tmp_path / "single.mp4", *flags)) == 0
+    finally:
+        t2v.WanT2V.generate = orig
+    ref = torch.load(tmp_path / "single.pt")
+    argv = _gen_argv(tiny_ckpt, tmp_path / "v.mp4", *flags, "--ulysses_size", "2")
+    codes, errors = run_ranks(_worker_generate, 2, tmp_path, argv, None)
+    assert codes == [0, 0] and [(tmp_path / f"code{r}").read_text() for r in range(2)] == ["0", "0"], errors
+    r0 = torch.load(tmp_path / "gen0.pt")
+    assert r0["sp_size"] == 2 and rel(r0["latent"], ref["latent"]) <= PIPE_TOL
+
+
 def test_failing_rank_ends_every_rank(tmp_path, tiny_ckpt):
     """Rank 1 fails at its first denoising step while rank 0 waits in an all-to-all: both exit non-zero, quickly."""
     argv = _gen_argv(tiny_ckpt, tmp_path / "v.mp4", "--ulysses_size", "2")
