@@ -66,14 +66,15 @@ def _classify(exc: BaseException, signum: int | None, state: RunState) -> tuple[
     import signal
 
     from wan.cli import UsageError
-    from wan.errors import CheckpointError
+    from wan.errors import CheckpointError, MemoryPlanError
     from wan.preflight import PathError
     from wan.utils.video import OutputPathError
 
     if signum is not None or isinstance(exc, KeyboardInterrupt):
         signum = signum if signum is not None else getattr(exc, "signum", signal.SIGINT)
         return 128 + signum, f"interrupted by {signal.Signals(signum).name}; {state.written()}"
-    if isinstance(exc, (UsageError, PathError)) or (isinstance(exc, OutputPathError) and state.preflight):
+    if isinstance(exc, (UsageError, PathError, MemoryPlanError)) or (
+            isinstance(exc, OutputPathError) and state.preflight):
         return EXIT_USAGE, _first_line(exc)
     oom = type(exc).__name__ == "OutOfMemoryError" and "torch" in type(exc).__module__
     if oom:
@@ -194,7 +195,7 @@ def _run(argv, state: RunState) -> int:
         t_load = time.perf_counter()
         pipe = WanT2V(cfg, ckpt_dir, device_id=dist.local_rank, rank=dist.rank, device=dist.device,
                       options=args.options, lora_high=args.lora_high, lora_low=args.lora_low,
-                      lora_strength=args.lora_strength)
+                      lora_strength=args.lora_strength, plan_for=(*size_tuple(args.size), args.frame_num))
         load_s = time.perf_counter() - t_load
         failed = _generate_all(args, cfg, pipe, dist, jobs, state, guide_scale(args, cfg), size_tuple(args.size))
     finally:

@@ -66,7 +66,7 @@ def test_options_and_cli_are_one_to_one():
     for f in dataclasses.fields(RuntimeOptions):
         assert f.name in flags, f"RuntimeOptions.{f.name} has no CLI flag"
         # each flag sets exactly its field
-        value = {"bool": True, "bool | None": True, "int": 2, "str": None}[f.type]
+        value = {"bool": True, "bool | None": True, "int": 2, "float": 24.0, "str": None}[f.type]
         if f.type == "str":
             value = f.metadata["choices"][-1]
         argv = [f"--{f.name}", str(value)]

@@ -75,6 +75,8 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=str2bool, nargs="?", const=True, default=None, metavar="BOOL", help=help_)
         elif f.type == "int":
             parser.add_argument(flag, type=int, default=None, help=help_)
+        elif f.type == "float":
+            parser.add_argument(flag, type=float, default=None, metavar="GB", help=help_)
         else:
             parser.add_argument(flag, type=str, default=None, choices=meta.get("choices"), help=help_)
 

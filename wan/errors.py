@@ -7,3 +7,7 @@ class CheckpointError(ValueError):
 
 class LoadTimeOptionError(ValueError):
     """A per-call request changed a choice that was fixed when the pipeline was built."""
+
+
+class MemoryPlanError(ValueError):
+    """--max_gpu_memory is too small for the run even with block streaming (knowable before loading)."""

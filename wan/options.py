@@ -10,6 +10,7 @@ explicit settings override the preset.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 
 from .modules.attention import BACKENDS
@@ -37,6 +38,10 @@ class RuntimeOptions:
     stream_blocks: int = field(default=0, metadata=_load(
         "keep both experts in host memory and stream the running DiT blocks through this many GPU buffers "
         "(2-4; 0: off): for cards that cannot hold an expert"))
+    max_gpu_memory: float = field(default=0.0, metadata=_load(
+        "GB this run may use on the GPU: picks resident, expert offload or block streaming from measured costs "
+        "(an explicit --offload_model or --stream_blocks wins), refuses before loading if nothing fits, and caps the "
+        "process there; 0: off"))
     vae_dtype: str = field(default="fp32", metadata=_load(
         "VAE weights and decode dtype (the reference: fp32)", choices=VAE_DTYPES))
     ulysses_size: int = field(default=1, metadata=_load("Ulysses sequence-parallel degree (torchrun)"))
@@ -69,6 +74,8 @@ class RuntimeOptions:
             raise ValueError(f"vae_dtype must be one of {', '.join(VAE_DTYPES)}, got {self.vae_dtype!r}")
         if self.ulysses_size < 1:
             raise ValueError(f"ulysses_size must be >= 1, got {self.ulysses_size}")
+        if not (math.isfinite(self.max_gpu_memory) and 0 <= self.max_gpu_memory <= 10_000):
+            raise ValueError(f"max_gpu_memory must be a finite number of GB >= 0 (0: off), got {self.max_gpu_memory}")
         if not 0 <= self.stream_blocks <= 40:
             raise ValueError(f"stream_blocks must be 0 (off) or 1..40 buffers, got {self.stream_blocks}")
         if self.stream_blocks and self.compile and self.compile_mode == "max-autotune":

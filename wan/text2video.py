@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .configs import TaskConfig
+from .configs import SIZE_CONFIGS, TaskConfig
 from .errors import LoadTimeOptionError
 from .guidance import choose_guidance
 from .modules.attention import resolve_attention
@@ -98,11 +98,12 @@ class WanT2V:
     def __init__(self, config: TaskConfig, checkpoint_dir, device_id: int = 0, rank: int = 0, t5_fsdp: bool = False,
                  dit_fsdp: bool = False, use_sp: bool = False, t5_cpu: bool = False, convert_model_dtype: bool = False,
                  device=None, options: RuntimeOptions | None = None, components: dict | None = None,
-                 lora_high=None, lora_low=None, lora_dir=None, lora_strength=1.0):
+                 lora_high=None, lora_low=None, lora_dir=None, lora_strength=1.0, plan_for=None):
         """Same arguments as the reference (placement follows options.offload_model); ours: `device` (default
         cuda:device_id, else CPU), `options`, LoRA files (`lora_dir` in the Lightning layout, or per expert; merged
         into the weights at load), and `components` (text_encoder, vae, low_noise_model, high_noise_model: random
-        models for benchmarks, used as given; LoRAs are merged into them).
+        models for benchmarks, used as given; LoRAs are merged into them). `plan_for` = (width, height, frames)
+        sizes the memory plan of options.max_gpu_memory (default: the task's default size and frame count).
         """
         self.config, self.rank = config, rank
         opts = options or RuntimeOptions()
@@ -135,6 +136,9 @@ class WanT2V:
                              "this process is alone")
         self.sp_size = opts.ulysses_size
         param_dtype = config.param_dtype if self.device.type == "cuda" else torch.float32
+        self.memory_plan = None
+        if opts.max_gpu_memory:
+            opts = self._plan_memory(opts, checkpoint_dir, plan_for)
         self.placement, offload = choose_placement(opts.offload_model, self.device, self.world_size, opts.t5_cpu,
                                                    opts.dit_fsdp, opts.t5_fsdp, mesh, param_dtype, opts.stream_blocks)
         if opts.convert_model_dtype and self.device.type == "cpu":
@@ -163,6 +167,37 @@ class WanT2V:
         return self.options.offload_model
 
     # ---- build time ----------------------------------------------------------------------------------------
+    def _plan_memory(self, opts: RuntimeOptions, checkpoint_dir, plan_for) -> RuntimeOptions:
+        """Pick the placement for options.max_gpu_memory (unless one was given explicitly) and cap the process."""
+        from .memory_plan import choose, estimate
+
+        cfg = self.config
+        w, h = plan_for[:2] if plan_for else SIZE_CONFIGS[cfg.default_size]
+        frames = plan_for[2] if plan_for else cfg.frame_num
+        tokens = ((frames - 1) // cfg.vae_stride[0] + 1) * (h // cfg.vae_stride[1]) * (w // cfg.vae_stride[2]) // 4
+        t5_file = Path(checkpoint_dir) / cfg.t5_checkpoint if checkpoint_dir else None
+        kw = dict(arch=cfg.arch, tokens=tokens, batch=2 if opts.batched_cfg else 1, pixels=w * h * frames,
+                  bytes_per_param=2 if opts.convert_model_dtype else 4, vae_dtype=opts.vae_dtype,
+                  t5_bytes=t5_file.stat().st_size if t5_file and t5_file.is_file() else 11.4e9, t5_cpu=opts.t5_cpu,
+                  slots=opts.stream_blocks or 2)
+        explicit = opts.offload_model is not None or opts.stream_blocks
+        if explicit:  # an explicit placement wins; say what it is expected to need
+            name = "stream" if opts.stream_blocks else ("offload" if opts.offload_model else "resident")
+            self.memory_plan = estimate(name, **kw)
+        else:
+            self.memory_plan = choose(opts.max_gpu_memory, **kw)
+            if self.memory_plan.placement == "stream":
+                opts = replace(opts, offload_model=False, stream_blocks=2)
+            else:
+                opts = replace(opts, offload_model=self.memory_plan.placement == "offload")
+        log.info("memory plan for %dx%d, %d frames under %.1f GB: %s%s", w, h, frames, opts.max_gpu_memory,
+                 self.memory_plan.describe(), " (explicit placement)" if explicit else "")
+        if self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            total = torch.cuda.get_device_properties(index).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, opts.max_gpu_memory * 1e9 / total), index)
+        return opts
+
     def _lora_files(self, lora_dir, lora_high, lora_low, strength) -> dict:
         """{"high": (path, strength), "low": ...}: explicit per-expert files win over lora_dir's."""
         s = (float(strength), float(strength)) if isinstance(strength, (int, float)) else tuple(map(float, strength))
@@ -228,6 +263,9 @@ class WanT2V:
         # resolve the load-time fields the way __init__ did, then compare
         resolved = replace(options, offload_model=self.options.offload_model if options.offload_model is None
                            else options.offload_model)
+        if (options.offload_model is None and not options.stream_blocks
+                and options.max_gpu_memory == self.options.max_gpu_memory):  # the same memory plan
+            resolved = replace(resolved, stream_blocks=self.options.stream_blocks)
         if self.device.type == "cpu":
             resolved = replace(resolved, convert_model_dtype=False, offload_model=False)
         changed = [f for f in LOAD_FIELDS if getattr(resolved, f) != getattr(self.options, f)]
