@@ -52,6 +52,17 @@ def test_streamed_with_every_guidance_and_fast_switches(tiny_ckpt):
         assert torch.equal(a, b)
 
 
+def test_one_expert_serving_both_noise_levels_is_streamed_once(tiny_ckpt, resident):
+    from wan.placement import BlockStreamed
+
+    p = pipe(tiny_ckpt)
+    p.low_noise_model = p.high_noise_model
+    p.placement = BlockStreamed(p.device, False, 2)
+    p.placement.attach({"high": p.high_noise_model, "low": p.low_noise_model}, p.text_encoder)
+    assert len(p.placement.streamer.host) == 1 and len(p.high_noise_model.blocks[0]._forward_pre_hooks) == 1
+    run(p)
+
+
 def test_streamer_prefetches_in_program_order():
     model = build_tiny_dit(1)
     ref = build_tiny_dit(1)

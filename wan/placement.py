@@ -133,7 +133,7 @@ class BlockStreamed(Placement):
 
     def attach(self, experts, text_encoder):
         super().attach(experts, text_encoder)
-        for m in experts.values():
+        for m in {id(m): m for m in experts.values()}.values():  # one expert may serve both noise levels
             self.streamer.add(m)  # blocks to (pinned) host memory; the rest (embeddings, head) to the device
             for name, child in m.named_children():
                 if name != "blocks":
