@@ -115,7 +115,7 @@ def run_row(args):
     per_step = statistics.median(step_s)
     forwards = 1 if args.guidance_one else 2
     model = pipe.high_noise_model
-    result = dict(kind="row", res=args.res, options=opts.changed(), steps_timed=len(step_s), step_s=step_s,
+    result = dict(kind="row", res=args.res, options=pipe.options.changed(), steps_timed=len(step_s), step_s=step_s,
                   step_spread=spread(step_s), per_step_s=per_step, per_forward_s=per_step / forwards,
                   forwards_per_step=forwards, seq_len=seq_len,
                   tflops=model.estimate_flops(seq_len) / (per_step / forwards) / 1e12, **peak_gb(device),
@@ -304,7 +304,7 @@ def run_full(args):
         runs.append(dict(total_s=time.perf_counter() - t0, stages=dict(res.timings), **peak_gb(device),
                          expert_trace=res.expert_trace, gpu=gpu_state(device), first=i == 0))
     steady = [r["total_s"] for r in runs[1:]] or [runs[0]["total_s"]]
-    out = dict(kind="full", res=args.res, options=opts.changed(), backends=pipe.last_result.backends,
+    out = dict(kind="full", res=args.res, options=pipe.options.changed(), backends=pipe.last_result.backends,
                build_s=build_s, load_timings=pipe.load_timings, sampling_steps=args.sampling_steps,
                solver=args.solver, guide=args.guide, shift=args.shift, lora_rank=args.lora_rank,
                first_video_s=runs[0]["total_s"], steady_video_s=spread(steady), runs=runs)
