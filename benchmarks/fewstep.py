@@ -16,9 +16,8 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-from benchmarks.waterfall import environment, projection, run_child
+from benchmarks.waterfall import environment, finish, projection, run_child
 from wan.options import FAST_PRESET
 
 DISTILLED = dict(solver="euler", sampling_steps=4, shift=5.0, guide=(1.0, 1.0))
@@ -58,10 +57,7 @@ def main(argv=None) -> int:
                                        "--repeat", str(args.repeat)], left())
         print(f"[{time.perf_counter() - t0:5.0f} s] few-step: {json.dumps(record['fewstep'])[:300]}", flush=True)
     record["wall_s"] = time.perf_counter() - t0
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=2))
-    print(markdown(record))
+    finish(record, args.out, markdown)
     return 0
 
 

@@ -11,9 +11,8 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-from benchmarks.waterfall import environment, run_child
+from benchmarks.waterfall import environment, finish, run_child
 from wan.options import FAST_PRESET
 
 
@@ -42,10 +41,7 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - t0:5.0f} s] {label}: " + (row.get("error") or
               f"{row['per_forward_s']:.3f} s/forward, peak {row['peak_gb']:.1f} / {row['peak_reserved_gb']:.1f} GB"),
               flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=2))
-    print(markdown(record))
+    finish(record, args.out, markdown)
     return 0
 
 

@@ -69,7 +69,8 @@ def random_pipeline(options, device, tiny: bool = False, n_experts: int = 2, wit
     """WanT2V over random models. n_experts=1 shares one expert for both noise levels (for per-forward timing).
     `lora` (lora_high=, lora_low=, lora_strength=) is merged into the experts as the real loader would."""
     from wan.configs import WAN_CONFIGS
-    from wan.text2video import VAE_DTYPES, WanT2V
+    from wan.modules.vae import VAE_DTYPES
+    from wan.text2video import WanT2V
 
     dtype = torch.bfloat16 if options.convert_model_dtype and torch.device(device).type == "cuda" else torch.float32
     high = random_expert(device, dtype, seed=0, tiny=tiny)

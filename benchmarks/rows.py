@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.random_models import RESOLUTIONS, random_expert, random_pipeline, random_t5, random_vae
+from wan.modules.vae import VAE_DTYPES
 from wan.options import RuntimeOptions
 
 CTX_LENS = (40, 126)  # token counts of the example prompt and of the default negative prompt (umt5)
@@ -101,17 +102,18 @@ def run_row(args):
     sync(device)
     warmup_s = time.perf_counter() - t0
     reset_peak(device)
-    stamps, preds, gpu = [time.perf_counter()], [], []
+    step_s, preds, gpu = [], [], []
+    start = [time.perf_counter()]
 
     def on_step(i, t, expert, pred):
         sync(device)
-        stamps.append(time.perf_counter())
-        gpu.append(gpu_state(device))
+        step_s.append(time.perf_counter() - start[0])
+        gpu.append(gpu_state(device))  # outside the timed window: nvidia-smi takes tens of ms
         if i == 0:
             preds.append(pred)
+        start[0] = time.perf_counter()
 
     latent = pipe.sample(noise, max_steps=args.steps, step_callback=on_step, **run)
-    step_s = [b - a for a, b in zip(stamps, stamps[1:])]
     per_step = statistics.median(step_s)
     forwards = 1 if args.guidance_one else 2
     model = pipe.high_noise_model
@@ -187,7 +189,7 @@ def run_stages(args):
     z = torch.randn(*lat, device=device, generator=torch.Generator(device=device).manual_seed(3))
     out["vae"], videos = {}, {}
     for name in args.vae_dtypes.split(","):
-        vae = random_vae(device, tiny, {"fp32": torch.float32, "bf16": torch.bfloat16}[name])
+        vae = random_vae(device, tiny, VAE_DTYPES[name])
         vae.decode([z[:, :2]])  # warm
         reset_peak(device)
         sync(device)

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.waterfall import environment, run_child
+from benchmarks.waterfall import environment, finish, run_child
 from wan.options import FAST_PRESET
 
 STEPS = 40
@@ -80,10 +80,7 @@ def main(argv=None) -> int:
                      f"{r.get('speedup', float('nan')):.2f} | {r.get('efficiency', float('nan')):.0%} | "
                      f"{r['peak_gb']:.1f} | {r['backend']} | {r.get('pred_rel_diff', 0):.1e} |")
     record = {"env": environment(), "res": args.res, "frame_num": args.frame_num, "rows": rows}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=2))
-    print("\n".join(lines))
+    finish(record, args.out, lambda _: "\n".join(lines))
     return 0
 
 

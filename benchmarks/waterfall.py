@@ -177,11 +177,16 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - t_start:6.0f} s] full: {json.dumps(full)[:400]}", flush=True)
 
     record["wall_s"] = time.perf_counter() - t_start
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=2))
-    print(markdown(record))
+    finish(record, args.out, markdown)
     return 0
+
+
+def finish(record: dict, out: str | None, table) -> None:
+    """Write the run's record to `out` (JSON) if given, then print its markdown table last."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(record, indent=2))
+    print(table(record))
 
 
 def markdown(record: dict) -> str:

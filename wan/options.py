@@ -14,9 +14,9 @@ import math
 from dataclasses import dataclass, field, fields, replace
 
 from .modules.attention import BACKENDS
+from .modules.vae import VAE_DTYPES
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
-VAE_DTYPES = ("fp32", "bf16")
 
 
 def _load(help: str, **meta):
@@ -43,7 +43,7 @@ class RuntimeOptions:
         "(an explicit --offload_model or --stream_blocks wins), refuses before loading if nothing fits, and caps the "
         "process there; 0: off"))
     vae_dtype: str = field(default="fp32", metadata=_load(
-        "VAE weights and decode dtype (the reference: fp32)", choices=VAE_DTYPES))
+        "VAE weights and decode dtype (the reference: fp32)", choices=tuple(VAE_DTYPES)))
     ulysses_size: int = field(default=1, metadata=_load("Ulysses sequence-parallel degree (torchrun)"))
     cfg_parallel: bool = field(default=False, metadata=_load(
         "the two CFG passes on two halves of the world (torchrun)"))
@@ -78,6 +78,9 @@ class RuntimeOptions:
             raise ValueError(f"max_gpu_memory must be a finite number of GB >= 0 (0: off), got {self.max_gpu_memory}")
         if not 0 <= self.stream_blocks <= 40:
             raise ValueError(f"stream_blocks must be 0 (off) or 1..40 buffers, got {self.stream_blocks}")
+        if self.stream_blocks and (self.offload_model or self.dit_fsdp):
+            raise ValueError("--stream_blocks cannot be combined with --offload_model true or --dit_fsdp: it is its "
+                             "own placement (blocks in host memory, streamed to the GPU)")
         if self.stream_blocks and self.compile and self.compile_mode == "max-autotune":
             raise ValueError("compile_mode max-autotune records CUDA graphs with fixed weight addresses, which block "
                              "streaming swaps; use compile_mode default or max-autotune-no-cudagraphs")

@@ -175,10 +175,7 @@ def choose_placement(offload_model: bool | None, device: torch.device, world: in
                      param_dtype: torch.dtype = torch.bfloat16, stream_blocks: int = 0) -> tuple[Placement, bool]:
     """(placement, resolved offload_model). offload_model None: the reference's default, true on one GPU only."""
     device = torch.device(device)
-    if stream_blocks:
-        if offload_model or dit_fsdp:
-            raise ValueError("--stream_blocks cannot be combined with --offload_model true or --dit_fsdp: it is "
-                             "its own placement (blocks in host memory, streamed to the GPU)")
+    if stream_blocks:  # RuntimeOptions refuses it with offload_model true or dit_fsdp
         return BlockStreamed(device, t5_cpu, stream_blocks), False
     if dit_fsdp and world > 1:
         if offload_model:

@@ -31,14 +31,13 @@ from .modules.attention import resolve_attention
 from .modules.checkpoint import check_checkpoint_dir
 from .modules.model import WanModel
 from .modules.t5 import T5EncoderModel
-from .modules.vae import Wan2_1_VAE
+from .modules.vae import VAE_DTYPES, Wan2_1_VAE
 from .options import LOAD_FIELDS, RuntimeOptions
 from .placement import choose_placement
 from .utils.compile import compile_blocks, uncompile_blocks
 from .utils.schedulers import build_scheduler, expert_for_timestep
 
 log = logging.getLogger("wan")
-VAE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class StageTimer:

@@ -14,7 +14,10 @@ import torch
 
 from .precision import fp32_region, no_autocast
 
-__all__ = ["Wan2_1_VAE", "WAN21_VAE_MEAN", "WAN21_VAE_STD", "load_wan_vae_state_dict", "build_wan_vae"]
+# --vae_dtype names -> dtypes (the reference: fp32)
+VAE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+__all__ = ["VAE_DTYPES", "Wan2_1_VAE", "WAN21_VAE_MEAN", "WAN21_VAE_STD", "load_wan_vae_state_dict", "build_wan_vae"]
 
 # Per-latent-channel normalisation constants of the official Wan 2.1 VAE (z_dim 16).
 WAN21_VAE_MEAN = [
