@@ -18,10 +18,8 @@ from pathlib import Path
 
 from .configs.model_config import WanConfig
 from .errors import CheckpointError
+from .modules.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME
 
-CONFIG_NAME = "config.json"
-INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-SINGLE_NAME = "diffusion_pytorch_model.safetensors"
 LORA_NAMES = {"high": "high_noise_model.safetensors", "low": "low_noise_model.safetensors"}  # Lightning layout
 DOWNLOAD_HINT = "download it with: huggingface-cli download Wan-AI/Wan2.2-T2V-A14B --local-dir ./Wan2.2-T2V-A14B"
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header

@@ -28,12 +28,12 @@ from .configs import SIZE_CONFIGS, TaskConfig
 from .errors import LoadTimeOptionError
 from .guidance import choose_guidance
 from .modules.attention import resolve_attention
-from .modules.checkpoint import check_checkpoint_dir
 from .modules.model import WanModel
 from .modules.t5 import T5EncoderModel
 from .modules.vae import VAE_DTYPES, Wan2_1_VAE
 from .options import LOAD_FIELDS, RuntimeOptions
 from .placement import choose_placement
+from .preflight import LORA_NAMES, check_checkpoint
 from .utils.compile import compile_blocks, uncompile_blocks
 from .utils.schedulers import build_scheduler, expert_for_timestep
 
@@ -204,7 +204,7 @@ class WanT2V:
             raise ValueError(f"lora_strength must be one number or (high, low), got {strength!r}")
         files = {}
         for i, (expert, explicit) in enumerate((("high", lora_high), ("low", lora_low))):
-            path = explicit or (Path(lora_dir) / f"{expert}_noise_model.safetensors" if lora_dir else None)
+            path = explicit or (Path(lora_dir) / LORA_NAMES[expert] if lora_dir else None)
             if path is not None:
                 if not Path(path).is_file():
                     raise FileNotFoundError(f"LoRA file {path} for the {expert}-noise expert does not exist")
@@ -239,7 +239,7 @@ class WanT2V:
                     self.load_timings[f"lora_merge_{expert}"] = time.perf_counter() - t0
             return
         ckpt = Path(checkpoint_dir)
-        check_checkpoint_dir(self.config, ckpt)
+        check_checkpoint(self.config, ckpt)  # every file's header or pickle table, named on any failure
         loras = {e: self._lora(e) for e in ("high", "low")}  # read and checked before minutes of loading
         self.text_encoder = T5EncoderModel(
             text_len=self.config.text_len, dtype=self.config.t5_dtype, device=torch.device("cpu"),

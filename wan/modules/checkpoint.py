@@ -20,7 +20,7 @@ log = logging.getLogger("wan")
 CONFIG_NAME = "config.json"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE_NAME = "diffusion_pytorch_model.safetensors"
-__all__ = ["CheckpointError", "load_wan_model", "save_wan_model", "check_checkpoint_dir", "shard_map"]
+__all__ = ["CheckpointError", "load_wan_model", "save_wan_model", "shard_map"]
 
 
 def shard_map(folder: Path) -> dict[str, list[str]]:
@@ -125,28 +125,3 @@ def save_wan_model(model: torch.nn.Module, folder, max_shard_bytes: int = 10 * 2
         total += sum(state[k].numel() * state[k].element_size() for k in keys)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
-
-
-DOWNLOAD_HINT = "download it with: huggingface-cli download Wan-AI/Wan2.2-T2V-A14B --local-dir ./Wan2.2-T2V-A14B"
-
-
-def check_checkpoint_dir(config, ckpt_dir: Path) -> None:
-    """Every file the pipeline will read exists, before minutes of loading; the first missing one is named."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"--ckpt_dir {ckpt_dir} is not a directory; {DOWNLOAD_HINT}")
-    if (ckpt_dir / "model_index.json").is_file():
-        raise CheckpointError(f"{ckpt_dir} is a Diffusers-format checkpoint (model_index.json); point --ckpt_dir at "
-                              f"the original Wan2.2-T2V-A14B layout instead; {DOWNLOAD_HINT}")
-    for rel, kind in ((config.t5_checkpoint, "file"), (config.t5_tokenizer, "dir"), (config.vae_checkpoint, "file")):
-        path = ckpt_dir / rel
-        if not (path.is_file() if kind == "file" else path.is_dir()):
-            raise FileNotFoundError(f"missing {path} (part of the official Wan2.2-T2V-A14B download); {DOWNLOAD_HINT}")
-    for sub in (config.low_noise_checkpoint, config.high_noise_checkpoint):
-        folder = ckpt_dir / sub
-        found = WanConfig.from_json(folder / CONFIG_NAME)
-        shard_map(folder)
-        bad = found.mismatches(config.arch)
-        if bad:
-            raise CheckpointError(f"{folder / CONFIG_NAME} has {', '.join(bad[:3])} for {config.name} "
-                                  "(a 1.3B, 5B or I2V checkpoint?)")
