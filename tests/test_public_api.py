@@ -36,4 +36,4 @@ def test_model_signatures():
     assert list(params(WanModel.from_pretrained))[:2] == ["checkpoint_dir", "subfolder"]
     assert list(params(T5EncoderModel.__init__)) == ["text_len", "dtype", "device", "checkpoint_path",
                                                      "tokenizer_path", "shard_fn"]
-    assert list(params(Wan2_1_VAE.__init__)) == ["z_dim", "vae_pth", "dtype", "device"]
+    assert list(params(Wan2_1_VAE.__init__)) == ["z_dim", "vae_pth", "dtype", "device", "decode_bands"]

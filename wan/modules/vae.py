@@ -13,6 +13,7 @@ import zipfile
 import torch
 
 from .precision import fp32_region, no_autocast
+from .vae_bands import decode_banded
 
 # --vae_dtype names -> dtypes (the reference: fp32)
 VAE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -71,11 +72,16 @@ def _fit_problems(sd, ref):
 
 
 class Wan2_1_VAE:
-    """Reference-compatible wrapper: `model` (diffusers AutoencoderKLWan), `scale` = [mean, 1/std], `dtype`."""
+    """Reference-compatible wrapper: `model` (diffusers AutoencoderKLWan), `scale` = [mean, 1/std], `dtype`.
+    decode_bands > 1 decodes in that many bands of rows (`vae_bands.decode_banded`: exact, lower peak memory)."""
 
-    def __init__(self, z_dim=16, vae_pth="cache/vae_step_411000.pth", dtype=torch.float, device="cuda"):
+    def __init__(self, z_dim=16, vae_pth="cache/vae_step_411000.pth", dtype=torch.float, device="cuda",
+                 decode_bands: int = 0):
         from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
+        if decode_bands < 0:
+            raise ValueError(f"decode_bands must be >= 0 (0 or 1: whole frames), got {decode_bands}")
+        self.decode_bands = decode_bands  # 0 / 1: diffusers' whole-frame decode
         self.dtype = dtype
         self.device = torch.device(device)
         self.z_dim = z_dim
@@ -135,6 +141,10 @@ class Wan2_1_VAE:
             for z in zs:
                 z = z.to(device=self.device, dtype=torch.float32)
                 z = z / self._view(self.scale[1]) + self._view(self.scale[0])  # = z*std + mean
-                x = self.model.decode(z.to(self.dtype).unsqueeze(0)).sample[0]
+                z = z.to(self.dtype).unsqueeze(0)
+                if self.decode_bands > 1:
+                    x = decode_banded(self.model, z, self.decode_bands)[0]
+                else:
+                    x = self.model.decode(z).sample[0]
                 out.append(x.float().clamp_(-1, 1))
         return out
