@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 
 from .modules.attention import BACKENDS
+from .modules.fp8 import FP8_LINEAR
 from .modules.vae import VAE_DTYPES
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
@@ -44,6 +45,11 @@ class RuntimeOptions:
         "process there; 0: off"))
     vae_dtype: str = field(default="fp32", metadata=_load(
         "VAE weights and decode dtype (the reference: fp32)", choices=tuple(VAE_DTYPES)))
+    fp8_linear: str = field(default="none", metadata=_load(
+        "fp8 (e4m3) weights and per-token fp8 activations for the DiT blocks' linears: ffn (both FFN linears), "
+        "attn_proj (self-attention q k v o, cross-attention q o), all (both); an approximation (about 4e-2 relative "
+        "error per linear), opt-in, never part of --fast; needs an fp8 GPU (compute capability 8.9+)",
+        choices=FP8_LINEAR))
     ulysses_size: int = field(default=1, metadata=_load("Ulysses sequence-parallel degree (torchrun)"))
     cfg_parallel: bool = field(default=False, metadata=_load(
         "the two CFG passes on two halves of the world (torchrun)"))
@@ -52,7 +58,9 @@ class RuntimeOptions:
     # ---- per call: exact speed switches ----
     attn_backend: str = field(default="auto", metadata=_call(
         "attention kernel: auto = FA3 if importable on Hopper, else cuDNN SDPA on Hopper, else flash-attn 2, "
-        "else PyTorch's default", choices=BACKENDS))
+        "else PyTorch's default; flash3_fp8 = FA3 on e4m3 q, k, v for the self-attention (per batch and head "
+        "scales, keys and values smoothed; cross-attention stays bf16): an approximation, opt-in, never part of "
+        "--fast, Hopper only", choices=BACKENDS))
     batched_cfg: bool = field(default=False, metadata=_call(
         "conditional + unconditional pass as one batch-2 forward"))
     tf32: bool = field(default=False, metadata=_call(
@@ -72,6 +80,11 @@ class RuntimeOptions:
             raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if self.vae_dtype not in VAE_DTYPES:
             raise ValueError(f"vae_dtype must be one of {', '.join(VAE_DTYPES)}, got {self.vae_dtype!r}")
+        if self.fp8_linear not in FP8_LINEAR:
+            raise ValueError(f"fp8_linear must be one of {', '.join(FP8_LINEAR)}, got {self.fp8_linear!r}")
+        if self.fp8_linear != "none" and self.dit_fsdp:
+            raise ValueError("--fp8_linear cannot be combined with --dit_fsdp: FSDP gathers the weights in bf16 and "
+                             "would turn the e4m3 weights back into bf16; drop one of them")
         if self.ulysses_size < 1:
             raise ValueError(f"ulysses_size must be >= 1, got {self.ulysses_size}")
         if not (math.isfinite(self.max_gpu_memory) and 0 <= self.max_gpu_memory <= 10_000):
@@ -101,7 +114,7 @@ CALL_FIELDS = tuple(f.name for f in fields(RuntimeOptions) if f.metadata["lifeti
 
 # The --fast preset: all switches that keep the output equal to the original path within bf16 rounding.
 # vae_dtype stays fp32: a bf16 decode differs from fp32 by more than bf16 rounding of the output (measured), so it is
-# an opt-in approximation.
+# an opt-in approximation; so are fp8_linear and attn_backend flash3_fp8 (each with its measured error).
 FAST_PRESET = dict(offload_model=False, convert_model_dtype=True, batched_cfg=True, tf32=True, compile=True,
                    fast_time_embedding=True, fast_rope=True)
 

@@ -97,12 +97,15 @@ class WanT2V:
     def __init__(self, config: TaskConfig, checkpoint_dir, device_id: int = 0, rank: int = 0, t5_fsdp: bool = False,
                  dit_fsdp: bool = False, use_sp: bool = False, t5_cpu: bool = False, convert_model_dtype: bool = False,
                  device=None, options: RuntimeOptions | None = None, components: dict | None = None,
-                 lora_high=None, lora_low=None, lora_dir=None, lora_strength=1.0, plan_for=None):
+                 lora_high=None, lora_low=None, lora_dir=None, lora_strength=1.0, plan_for=None,
+                 fp8_kernel: str = "scaled_mm"):
         """Same arguments as the reference (placement follows options.offload_model); ours: `device` (default
         cuda:device_id, else CPU), `options`, LoRA files (`lora_dir` in the Lightning layout, or per expert; merged
         into the weights at load), and `components` (text_encoder, vae, low_noise_model, high_noise_model: random
         models for benchmarks, used as given; LoRAs are merged into them). `plan_for` = (width, height, frames)
         sizes the memory plan of options.max_gpu_memory (default: the task's default size and frame count).
+        `fp8_kernel`: "scaled_mm" (the fp8 GPU kernels) or "emulated" (their math on any device, for tests; it also
+        emulates attn_backend flash3_fp8); only read when options ask for fp8.
         """
         self.config, self.rank = config, rank
         opts = options or RuntimeOptions()
@@ -147,9 +150,12 @@ class WanT2V:
         self.options = replace(opts, offload_model=offload)  # the resolved options: what runs
         self._attention_cache: dict = {}
         self.load_timings: dict = {}
+        self.fp8: dict = {}  # expert -> Fp8Summary, when options.fp8_linear converts linears
+        self._check_fp8(fp8_kernel)
 
         t0 = time.perf_counter()
         self._load(checkpoint_dir, components)
+        self._convert_fp8(fp8_kernel)  # after any LoRA merge, before the placement moves the experts
         self.placement.attach({"high": self.high_noise_model, "low": self.low_noise_model}, self.text_encoder)
         for model in (self.low_noise_model, self.high_noise_model):
             model.set_sequence_parallel(self.sp_group)
@@ -196,6 +202,41 @@ class WanT2V:
             total = torch.cuda.get_device_properties(index).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, opts.max_gpu_memory * 1e9 / total), index)
         return opts
+
+    def _check_fp8(self, kernel: str) -> None:
+        """Before anything loads: refuse an fp8 option where it cannot run (no silent bf16 fallback). An fp8
+        attention backend is resolved (and probed) here already, and cached for the calls."""
+        from .modules.fp8 import KERNELS, check_fp8_support
+
+        opts = self.options
+        if kernel not in KERNELS:
+            raise ValueError(f"fp8_kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        if opts.fp8_linear != "none" and kernel == "scaled_mm":
+            check_fp8_support(self.device, "--fp8_linear")
+        if kernel == "emulated":  # every fp8 path of this pipeline emulated, per-call flash3_fp8 included
+            from .modules.attention import emulated_fp8_attention
+
+            self._attention_cache["flash3_fp8"] = emulated_fp8_attention()
+        elif opts.attn_backend == "flash3_fp8":
+            self._attention_cache["flash3_fp8"] = resolve_attention("flash3_fp8", self.device)
+
+    def _convert_fp8(self, kernel: str) -> None:
+        """options.fp8_linear: the experts' block linears to e4m3, quantised from the loaded (LoRA-merged) weights
+        on the run device. Nothing happens with fp8_linear none (the original path)."""
+        if self.options.fp8_linear == "none":
+            return
+        from .modules.fp8 import convert_linears_to_fp8_
+
+        t0 = time.perf_counter()
+        done: dict = {}  # one expert object may serve both noise levels (benchmarks)
+        for expert, model in (("high", self.high_noise_model), ("low", self.low_noise_model)):
+            if id(model) not in done:
+                done[id(model)] = convert_linears_to_fp8_(model, self.options.fp8_linear, kernel, self.device)
+                log.info("fp8 %s-noise expert: %s", expert, done[id(model)].describe())
+            self.fp8[expert] = done[id(model)]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.load_timings["fp8_convert"] = time.perf_counter() - t0
 
     def _lora_files(self, lora_dir, lora_high, lora_low, strength) -> dict:
         """{"high": (path, strength), "low": ...}: explicit per-expert files win over lora_dir's."""
@@ -366,7 +407,8 @@ class WanT2V:
                "time_embedding": "per sample" if model.fast_time_embedding else "per token (reference)",
                "compile": self.call_options.compile_mode if self.call_options.compile else "off",
                "placement": self.placement.name, "sequence_parallel": self.sp_size,
-               "loras": {e: f"{p.name} x {s}" for e, (p, s) in self.loras.items()}}
+               "loras": {e: f"{p.name} x {s}" for e, (p, s) in self.loras.items()},
+               "fp8_linear": {e: s.describe() for e, s in self.fp8.items()} if self.fp8 else "off"}
         if guidance:
             out["guidance"] = {k: g.name for k, g in guidance.items()}
         return out
