@@ -140,6 +140,27 @@ def _plan(args) -> list:
     return jobs
 
 
+def _placement_given(args) -> bool:
+    return any(getattr(args, f) is not None for f in ("max_gpu_memory", "offload_model", "stream_blocks", "vae_bands"))
+
+
+def _fast_budget(args, cfg, device, ckpt_dir):
+    """--fast on one GPU with no placement flag: plan for the memory the card has free (wan.memory_plan.fast_budget);
+    the options change only where the resident run would not fit."""
+    import torch
+
+    from wan.cli import size_tuple
+    from wan.memory_plan import fast_budget, plan_inputs
+
+    free = torch.cuda.mem_get_info(device)[0] / 1e9
+    t5_file = Path(ckpt_dir) / cfg.t5_checkpoint
+    t5_bytes = t5_file.stat().st_size if t5_file.is_file() else 11.4e9
+    kw = plan_inputs(cfg, args.options, (*size_tuple(args.size), args.frame_num), t5_bytes)
+    options, line = fast_budget(args.options, free, **kw)
+    log.info(line)
+    return options
+
+
 def _run(argv, state: RunState) -> int:
     from wan.cli import build_parser, guide_scale, size_tuple, validate_args
     from wan.preflight import check_checkpoint, check_lora_file, check_tiny_dir
@@ -189,6 +210,8 @@ def _run(argv, state: RunState) -> int:
                 check_checkpoint(cfg, ckpt_dir)
         else:
             ckpt_dir = args.ckpt_dir
+        if args.fast and dist.world_size == 1 and dist.device.type == "cuda" and not _placement_given(args):
+            args.options = _fast_budget(args, cfg, dist.device, ckpt_dir)
         log.info("task %s, size %s, %d frames, %d steps, shift %s, solver %s, world %d, options %s", args.task,
                  args.size, args.frame_num, args.sample_steps, args.sample_shift, args.sample_solver,
                  dist.world_size, args.options.changed() or "original path")

@@ -4,6 +4,8 @@ a fresh process (`torch.cuda.set_per_process_memory_fraction` after the weights 
     python -m benchmarks.memory_tiers --res 480p --caps 16,24 --out benchmarks/results/h200_480p_memory_tiers.json
 
 Rows time 3+ real denoising steps (CFG, batch-2) and report the peak allocated / reserved memory under the cap.
+`--whole_run GB` adds one whole generation through the product path `--fast --max_gpu_memory GB` (the memory plan
+picks placement and VAE bands; T5 + 4 Euler steps with CFG over both experts + VAE decode) and its peak memory.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import sys
 import time
 
 from benchmarks.waterfall import environment, finish, run_child
-from wan.options import FAST_PRESET
+from wan.options import FAST_PRESET, fast_options
 
 
 def main(argv=None) -> int:
@@ -23,11 +25,15 @@ def main(argv=None) -> int:
     p.add_argument("--caps", default="16,24", help="comma-separated GB caps for the streamed rows")
     p.add_argument("--slots", type=int, default=2, help="stream_blocks of the streamed rows")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--whole_run", type=float, default=0, help="GB: also one whole generation under this budget")
     p.add_argument("--deadline", type=float, default=560)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    common = ["--res", args.res, "--frame_num", str(args.frame_num), "row", "--steps", str(args.steps)]
+    # one expert serves both noise levels: the timed steps run one expert anyway, and building and pinning a second
+    # 28.6 GB expert would only cost minutes of the call
+    common = ["--res", args.res, "--frame_num", str(args.frame_num), "row", "--steps", str(args.steps),
+              "--experts", "1"]
     rows = [("resident (--fast)", dict(FAST_PRESET), 0.0)]
     rows += [(f"block-streamed, {args.slots} slots, {cap} GB cap", {**FAST_PRESET, "stream_blocks": args.slots},
               float(cap)) for cap in args.caps.split(",")]
@@ -41,6 +47,17 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - t0:5.0f} s] {label}: " + (row.get("error") or
               f"{row['per_forward_s']:.3f} s/forward, peak {row['peak_gb']:.1f} / {row['peak_reserved_gb']:.1f} GB"),
               flush=True)
+    if args.whole_run:
+        left = args.deadline - (time.perf_counter() - t0)
+        opts = fast_options(max_gpu_memory=args.whole_run).changed()  # as `--fast --max_gpu_memory GB`
+        run = run_child(["--res", args.res, "--frame_num", str(args.frame_num), "full", "--options", json.dumps(opts),
+                         "--sampling_steps", "4", "--solver", "euler", "--shift", "5", "--guide", "3", "4",
+                         "--repeat", "0"], left) if left > 60 else {"error": "skipped: out of time"}
+        run.update(budget_gb=args.whole_run, requested=opts)
+        record["whole_run"] = run
+        print(f"[{time.perf_counter() - t0:5.0f} s] whole run under {args.whole_run:g} GB: " + (run.get("error") or
+              f"{run['first_video_s']:.1f} s, peak {run['runs'][0]['peak_gb']:.1f} / "
+              f"{run['runs'][0]['peak_reserved_gb']:.1f} GB"), flush=True)
     finish(record, args.out, markdown)
     return 0
 
@@ -58,9 +75,23 @@ def markdown(record: dict) -> str:
             continue
         sp = r["step_spread"]
         ratio = f"{r['per_forward_s'] / base['per_forward_s']:.3f}" if base else "-"
-        lines.append(f"| {r['label']} | {r['per_forward_s']:.3f} ({sp['median']:.2f}, {sp['min']:.2f}, "
+        label = r["label"] + (" (one expert built, serving both levels)" if r.get("experts_built") == 1 else "")
+        lines.append(f"| {label} | {r['per_forward_s']:.3f} ({sp['median']:.2f}, {sp['min']:.2f}, "
                      f"{sp['max']:.2f}, {sp['n']}) | {ratio} | {r['peak_gb']:.1f} / {r['peak_reserved_gb']:.1f} | "
                      f"{r['placement']} |")
+    run = record.get("whole_run")
+    if run:
+        lines += ["", f"Whole generation under `--fast --max_gpu_memory {run['budget_gb']:g}` (T5, 4 Euler steps with "
+                  "CFG over both experts, VAE decode; first video of the process, compile included):", ""]
+        if "error" in run:
+            lines.append(f"error: {run['error'][-300:]}")
+        else:
+            first = run["runs"][0]
+            stages = ", ".join(f"{k} {v:.1f} s" for k, v in first["stages"].items())
+            lines += [f"- plan: {run['memory_plan']}; allocator {run['allocator']}",
+                      f"- placement: {run['placement']}",
+                      f"- {run['first_video_s']:.1f} s ({stages}); peak {first['peak_gb']:.1f} GB allocated, "
+                      f"{first['peak_reserved_gb']:.1f} GB reserved"]
     return "\n".join(lines)
 
 

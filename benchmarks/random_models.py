@@ -65,9 +65,10 @@ def random_vae(device, tiny: bool = False, dtype: torch.dtype = torch.float32):
     return Wan2_1_VAE(vae_pth=str(path), dtype=dtype, device=device)
 
 
-def random_pipeline(options, device, tiny: bool = False, n_experts: int = 2, with_text: bool = True, **lora):
+def random_pipeline(options, device, tiny: bool = False, n_experts: int = 2, with_text: bool = True, **kw):
     """WanT2V over random models. n_experts=1 shares one expert for both noise levels (for per-forward timing).
-    `lora` (lora_high=, lora_low=, lora_strength=) is merged into the experts as the real loader would."""
+    `kw`: WanT2V's lora_high=, lora_low=, lora_dir=, lora_strength= (merged into the experts as the real loader
+    would) and plan_for=(width, height, frames) for options.max_gpu_memory."""
     from wan.configs import WAN_CONFIGS
     from wan.modules.vae import VAE_DTYPES
     from wan.text2video import WanT2V
@@ -79,4 +80,4 @@ def random_pipeline(options, device, tiny: bool = False, n_experts: int = 2, wit
                  vae=random_vae(device, tiny, VAE_DTYPES[options.vae_dtype]) if with_text else None,
                  low_noise_model=low, high_noise_model=high)
     cfg = WAN_CONFIGS["t2v-tiny" if tiny else "t2v-A14B"]
-    return WanT2V(cfg, None, device=device, options=options, components=comps, **lora)
+    return WanT2V(cfg, None, device=device, options=options, components=comps, **kw)

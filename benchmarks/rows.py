@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.random_models import RESOLUTIONS, random_expert, random_pipeline, random_t5, random_vae
+from wan.memory_plan import bound_allocator
 from wan.modules.vae import VAE_DTYPES
 from wan.options import RuntimeOptions
 
@@ -84,14 +85,13 @@ def run_row(args):
     device = torch.device(args.device)
     opts = RuntimeOptions(**json.loads(args.options))
     t0 = time.perf_counter()
-    pipe = random_pipeline(opts, device, tiny=args.res == "tiny", n_experts=1 if opts.offload_model is not False else 2,
-                           with_text=False)
+    experts = args.experts or (1 if opts.offload_model is not False else 2)
+    pipe = random_pipeline(opts, device, tiny=args.res == "tiny", n_experts=experts, with_text=False)
     build_s = time.perf_counter() - t0
+    allocator = "default"
     if args.memory_cap_gb and device.type == "cuda":  # emulate a smaller card from here on (weights are placed)
         torch.cuda.empty_cache()
-        total = torch.cuda.get_device_properties(device).total_memory
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gb * 1e9 / total, index)
+        allocator = bound_allocator(device, args.memory_cap_gb)  # what --max_gpu_memory does in the product
     noise, ctx, ctx_null, seq_len = inputs(args.res, device, args.frame_num)
     seq_len = -(-seq_len // pipe.sp_size) * pipe.sp_size  # a multiple of the Ulysses degree, as generate() does
     guide = (1.0, 1.0) if args.guidance_one else (3.0, 4.0)
@@ -124,6 +124,7 @@ def run_row(args):
                   gpu=gpu, resident_experts=1 if pipe.low_noise_model is pipe.high_noise_model else 2,
                   backends=pipe.backends(), backend=pipe.attention.name, rope=model.rope.name, build_s=build_s,
                   warmup_s=warmup_s, world_size=pipe.world_size, memory_cap_gb=args.memory_cap_gb,
+                  allocator=allocator, experts_built=experts,
                   placement=pipe.placement.describe(),
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     if args.save:
@@ -289,9 +290,10 @@ def run_full(args):
                                        rank=args.lora_rank)
         lora = dict(lora_dir=str(folder))
     t0 = time.perf_counter()
-    pipe = random_pipeline(opts, device, tiny=args.res == "tiny", n_experts=2, with_text=True, **lora)
-    build_s = time.perf_counter() - t0
     w, h = RESOLUTIONS[args.res]
+    pipe = random_pipeline(opts, device, tiny=args.res == "tiny", n_experts=2, with_text=True,
+                           plan_for=(w, h, args.frame_num), **lora)
+    build_s = time.perf_counter() - t0
     gen = dict(size=(w, h), frame_num=args.frame_num, shift=args.shift, sample_solver=args.solver,
                sampling_steps=args.sampling_steps, guide_scale=tuple(args.guide), seed=42)
     prompt = "Two anthropomorphic cats in comfy boxing gear fight on a spotlighted stage."
@@ -307,6 +309,8 @@ def run_full(args):
                          expert_trace=res.expert_trace, gpu=gpu_state(device), first=i == 0))
     steady = [r["total_s"] for r in runs[1:]] or [runs[0]["total_s"]]
     out = dict(kind="full", res=args.res, options=pipe.options.changed(), backends=pipe.last_result.backends,
+               memory_plan=pipe.memory_plan.describe() if pipe.memory_plan else None, allocator=pipe.allocator,
+               placement=pipe.placement.describe(),
                build_s=build_s, load_timings=pipe.load_timings, sampling_steps=args.sampling_steps,
                solver=args.solver, guide=args.guide, shift=args.shift, lora_rank=args.lora_rank,
                first_video_s=runs[0]["total_s"], steady_video_s=spread(steady), runs=runs)
@@ -329,7 +333,10 @@ def main(argv=None):
     p.add_argument("--options", default="{}", help="RuntimeOptions fields as JSON")
     p.add_argument("--steps", type=int, default=3, help="timed denoising steps (row) or timed forwards (peer)")
     p.add_argument("--guidance_one", action="store_true", help="row: guidance 1 (one pass per step)")
-    p.add_argument("--memory_cap_gb", type=float, default=0, help="row: cap this process's GPU memory after building")
+    p.add_argument("--memory_cap_gb", type=float, default=0,
+                   help="row: cap this process's GPU memory after building (as --max_gpu_memory does)")
+    p.add_argument("--experts", type=int, default=0, choices=[0, 1, 2],
+                   help="row: experts built (1: one serves both noise levels; 0: 2 when resident, else 1)")
     p.add_argument("--sampling_steps", type=int, default=40, help="steps of the full generation")
     p.add_argument("--solver", default="unipc", help="full: sample_solver")
     p.add_argument("--shift", type=float, default=12.0, help="full: flow shift")

@@ -15,6 +15,14 @@ def test_expert_size_matches_the_parameter_count():
     assert block * 40 + rest == 14_288_491_584  # T2V-A14B, per expert
 
 
+def test_fp8_block_bytes_match_the_measured_weights():
+    """benchmarks/results/h200_720p_fp8.json: 40 blocks hold 28.11 GB in bf16, 22.45 GB with fp8 FFN linears and
+    16.17 GB with fp8 in every converted linear."""
+    for which, measured in (("none", 28.11e9), ("ffn", 22.45e9), ("all", 16.17e9)):
+        block, _ = dit_bytes(A14B, 2, which)
+        assert abs(40 * block - measured) / measured < 0.005, (which, 40 * block)
+
+
 def test_estimates_match_the_measured_peaks():
     """Whole 720p --fast runs on an H200: 80.4 GB (fp32 VAE) and 70.1 GB (bf16 VAE) allocated, batch 1."""
     fp32 = estimate("resident", **P720, batch=1, vae_dtype="fp32", t5_cpu=False)
@@ -24,17 +32,27 @@ def test_estimates_match_the_measured_peaks():
 
 @pytest.mark.parametrize("budget,geom,kw,want", [
     (139, P720, dict(vae_dtype="fp32"), "resident"),
-    (80, P720, dict(vae_dtype="fp32"), "offload"),
+    (80, P720, dict(vae_dtype="fp32"), "resident"),  # with the banded decode
     (80, P720, dict(vae_dtype="bf16"), "resident"),
-    (48, P720, dict(vae_dtype="fp32"), "offload"),
+    (48, P720, dict(vae_dtype="fp32"), "stream"),
     (40, P720, dict(vae_dtype="fp32"), "stream"),
     (24, P720, dict(vae_dtype="bf16", t5_cpu=True), "stream"),
     (16, P480, dict(vae_dtype="bf16", t5_cpu=True), "stream"),
-    (48, P480, dict(vae_dtype="fp32"), "offload"),
+    (48, P480, dict(vae_dtype="fp32"), "stream"),
 ])
 def test_budget_table(budget, geom, kw, want):
     plan = choose(budget, **geom, batch=2, **{"t5_cpu": False, **kw})
     assert plan.placement == want and plan.peak_gb <= budget
+
+
+def test_banded_decode_is_chosen_only_when_the_whole_frame_decode_does_not_fit():
+    roomy = choose(139, **P720, batch=2, vae_dtype="fp32", t5_cpu=False)
+    assert roomy.vae_bands == 0
+    tight = choose(24, **P720, batch=2, vae_dtype="fp32", t5_cpu=False)  # whole-frame fp32 decode: 23.5 GB + slots
+    assert tight.placement == "stream" and tight.vae_bands > 1 and tight.peak_gb <= 24
+    assert "VAE in 4 bands" in tight.describe()
+    explicit = choose(139, **P720, batch=2, vae_dtype="fp32", t5_cpu=False, vae_bands=3)
+    assert explicit.vae_bands == 3
 
 
 def test_too_small_says_what_would_fit():
@@ -56,5 +74,51 @@ def test_pipeline_plans_before_loading(tiny_ckpt, tmp_path):
     assert pipe.placement.name == "block-streamed" and pipe.memory_plan.placement == "stream"
     pipe.generate("a cat", size=(64, 64), frame_num=5, sampling_steps=1, seed=1,
                   options=RuntimeOptions(max_gpu_memory=100, stream_blocks=1, fast_rope=True))
+    # the VAE decode mode rides along: 3 bands of rows decode what whole frames decode (to float rounding)
+    banded = WanT2V(cfg, tiny_ckpt, device="cpu", options=RuntimeOptions(vae_bands=3))
+    whole = WanT2V(cfg, tiny_ckpt, device="cpu")
+    assert banded.vae.decode_bands == 3 and whole.vae.decode_bands == 0
+    run = dict(size=(64, 64), frame_num=5, sampling_steps=2, seed=3)
+    a, b = banded.generate("a cat", **run), whole.generate("a cat", **run)
+    assert (a - b).abs().max().item() <= 1e-5
     with pytest.raises(MemoryPlanError):  # refused before any weight is read: a folder with nothing in it
         WanT2V(cfg, tmp_path, device="cpu", options=RuntimeOptions(max_gpu_memory=1e-6))
+
+
+def test_fast_with_a_budget_leaves_the_placement_to_the_plan():
+    """--fast alone keeps the experts resident; --fast --max_gpu_memory lets the plan choose; explicit wins."""
+    from wan.options import fast_options
+
+    assert fast_options().offload_model is False
+    assert fast_options(max_gpu_memory=24).offload_model is None
+    assert fast_options(max_gpu_memory=24, offload_model=True).offload_model is True
+    assert fast_options(max_gpu_memory=24).compile and fast_options(max_gpu_memory=24).batched_cfg
+
+
+@pytest.mark.parametrize("free,changed,needle", [
+    (139.0, False, "resident, expected"),
+    (80.0, True, "resident, VAE in 4 bands"),
+    (30.0, True, "stream, expected"),
+    (24.0, True, "stream, VAE in 4 bands"),
+])
+def test_fast_plans_for_the_free_memory_only_when_resident_does_not_fit(free, changed, needle):
+    from wan.configs import WAN_CONFIGS
+    from wan.memory_plan import fast_budget, plan_inputs
+    from wan.options import fast_options
+
+    opts = fast_options()
+    kw = plan_inputs(WAN_CONFIGS["t2v-A14B"], opts, (1280, 720, 81), 11.4e9)
+    new, line = fast_budget(opts, free, **kw)
+    assert (new != opts) == changed and needle in line
+    if changed:  # the pipeline plans (and caps) under the free memory; the preset's resident choice is lifted
+        assert new.max_gpu_memory == free and new.offload_model is None
+
+
+def test_fast_on_a_card_too_small_says_so():
+    from wan.configs import WAN_CONFIGS
+    from wan.memory_plan import fast_budget, plan_inputs
+    from wan.options import fast_options
+
+    kw = plan_inputs(WAN_CONFIGS["t2v-A14B"], fast_options(), (1280, 720, 81), 11.4e9)
+    with pytest.raises(MemoryPlanError, match=r"^--fast: 8.0 GB free on the GPU: .*allow at least"):
+        fast_budget(fast_options(), 8.0, **kw)

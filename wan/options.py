@@ -50,6 +50,9 @@ class RuntimeOptions:
         "attn_proj (self-attention q k v o, cross-attention q o), all (both); an approximation (about 4e-2 relative "
         "error per linear), opt-in, never part of --fast; needs an fp8 GPU (compute capability 8.9+)",
         choices=FP8_LINEAR))
+    vae_bands: int = field(default=0, metadata=_load(
+        "decode each frame in this many bands of rows (exact: a halo of rows is recomputed, about 1/6 more decode work "
+        "with 4): a lower decode peak for small cards; 0: whole frames (--max_gpu_memory picks it when needed)"))
     ulysses_size: int = field(default=1, metadata=_load("Ulysses sequence-parallel degree (torchrun)"))
     cfg_parallel: bool = field(default=False, metadata=_load(
         "the two CFG passes on two halves of the world (torchrun)"))
@@ -85,6 +88,8 @@ class RuntimeOptions:
         if self.fp8_linear != "none" and self.dit_fsdp:
             raise ValueError("--fp8_linear cannot be combined with --dit_fsdp: FSDP gathers the weights in bf16 and "
                              "would turn the e4m3 weights back into bf16; drop one of them")
+        if not 0 <= self.vae_bands <= 64:
+            raise ValueError(f"vae_bands must be 0 (whole frames) or 1..64 bands, got {self.vae_bands}")
         if self.ulysses_size < 1:
             raise ValueError(f"ulysses_size must be >= 1, got {self.ulysses_size}")
         if not (math.isfinite(self.max_gpu_memory) and 0 <= self.max_gpu_memory <= 10_000):
@@ -120,8 +125,13 @@ FAST_PRESET = dict(offload_model=False, convert_model_dtype=True, batched_cfg=Tr
 
 
 def fast_options(base: RuntimeOptions | None = None, **explicit) -> RuntimeOptions:
-    """The --fast preset on top of `base`, then `explicit` settings (which always win)."""
-    return replace(base or RuntimeOptions(), **{**FAST_PRESET, **explicit})
+    """The --fast preset on top of `base`, then `explicit` settings (which always win). With a memory budget
+    (max_gpu_memory) the preset leaves the placement to the memory plan: resident only where it fits."""
+    base = base or RuntimeOptions()
+    preset = dict(FAST_PRESET)
+    if explicit.get("max_gpu_memory", base.max_gpu_memory):
+        del preset["offload_model"]
+    return replace(base, **{**preset, **explicit})
 
 
 def check_parallel_layout(options: RuntimeOptions, world: int, num_heads: int = 40) -> None:

@@ -66,6 +66,13 @@ class Placement:
     def release(self) -> None:
         """After sampling (before the VAE decode)."""
 
+    def _pin_text_encoder(self) -> None:
+        """T5 in pinned host memory: the temporary upload before each encode runs at full PCIe speed."""
+        if self.device.type == "cuda" and not self.t5_cpu and self.text_encoder is not None:
+            for t in list(self.text_encoder.model.parameters()) + list(self.text_encoder.model.buffers()):
+                if t.device.type == "cpu" and not t.is_pinned():
+                    t.data = t.data.pin_memory()
+
     def describe(self) -> str:
         t5 = "CPU" if self.t5_cpu else f"host memory, encoding on {self.device}"
         return f"{self.name}: experts on {self.where()}, T5 in {t5}"
@@ -85,11 +92,7 @@ class Resident(Placement):
         super().attach(experts, text_encoder)
         for m in experts.values():
             m.to(self.device)
-        if self.device.type == "cuda" and not self.t5_cpu and text_encoder is not None:
-            # pinned host memory: the temporary upload before each encode runs at full PCIe speed
-            for t in list(text_encoder.model.parameters()) + list(text_encoder.model.buffers()):
-                if t.device.type == "cpu" and not t.is_pinned():
-                    t.data = t.data.pin_memory()
+        self._pin_text_encoder()
 
 
 class ExpertOffload(Placement):
@@ -138,6 +141,7 @@ class BlockStreamed(Placement):
             for name, child in m.named_children():
                 if name != "blocks":
                     child.to(self.device)
+        self._pin_text_encoder()
 
     def where(self):
         return (f"host memory (blocks, {'pinned' if self.device.type == 'cuda' else 'pageable'}) streamed through "

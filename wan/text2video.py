@@ -93,6 +93,14 @@ class GenerationResult:
     latent: torch.Tensor | None = None
 
 
+def _t5_bytes(t5_file: Path | None, components: dict | None) -> float:
+    """T5's weight bytes for the memory plan: the given encoder's, else the checkpoint file's size (bf16 on disk)."""
+    encoder = (components or {}).get("text_encoder")
+    if encoder is not None:
+        return float(sum(t.numel() * t.element_size() for t in encoder.model.parameters()))
+    return float(t5_file.stat().st_size) if t5_file and t5_file.is_file() else 11.4e9  # umt5-xxl encoder, bf16
+
+
 class WanT2V:
     def __init__(self, config: TaskConfig, checkpoint_dir, device_id: int = 0, rank: int = 0, t5_fsdp: bool = False,
                  dit_fsdp: bool = False, use_sp: bool = False, t5_cpu: bool = False, convert_model_dtype: bool = False,
@@ -138,9 +146,9 @@ class WanT2V:
                              "this process is alone")
         self.sp_size = opts.ulysses_size
         param_dtype = config.param_dtype if self.device.type == "cuda" else torch.float32
-        self.memory_plan = None
+        self.memory_plan, self.allocator = None, "default"
         if opts.max_gpu_memory:
-            opts = self._plan_memory(opts, checkpoint_dir, plan_for)
+            opts = self._plan_memory(opts, checkpoint_dir, plan_for, components)
         self.placement, offload = choose_placement(opts.offload_model, self.device, self.world_size, opts.t5_cpu,
                                                    opts.dit_fsdp, opts.t5_fsdp, mesh, param_dtype, opts.stream_blocks)
         if opts.convert_model_dtype and self.device.type == "cpu":
@@ -157,6 +165,10 @@ class WanT2V:
         self._load(checkpoint_dir, components)
         self._convert_fp8(fp8_kernel)  # after any LoRA merge, before the placement moves the experts
         self.placement.attach({"high": self.high_noise_model, "low": self.low_noise_model}, self.text_encoder)
+        if self.options.max_gpu_memory:  # capped once the weights are placed (benchmarks build them on the GPU)
+            from .memory_plan import bound_allocator
+
+            self.allocator = bound_allocator(self.device, self.options.max_gpu_memory)
         for model in (self.low_noise_model, self.high_noise_model):
             model.set_sequence_parallel(self.sp_group)
         self._configure_call(self.options)
@@ -172,19 +184,15 @@ class WanT2V:
         return self.options.offload_model
 
     # ---- build time ----------------------------------------------------------------------------------------
-    def _plan_memory(self, opts: RuntimeOptions, checkpoint_dir, plan_for) -> RuntimeOptions:
+    def _plan_memory(self, opts: RuntimeOptions, checkpoint_dir, plan_for, components) -> RuntimeOptions:
         """Pick the placement for options.max_gpu_memory (unless one was given explicitly) and cap the process."""
-        from .memory_plan import choose, estimate
+        from .memory_plan import choose, estimate, plan_inputs
 
         cfg = self.config
         w, h = plan_for[:2] if plan_for else SIZE_CONFIGS[cfg.default_size]
         frames = plan_for[2] if plan_for else cfg.frame_num
-        tokens = ((frames - 1) // cfg.vae_stride[0] + 1) * (h // cfg.vae_stride[1]) * (w // cfg.vae_stride[2]) // 4
         t5_file = Path(checkpoint_dir) / cfg.t5_checkpoint if checkpoint_dir else None
-        kw = dict(arch=cfg.arch, tokens=tokens, batch=2 if opts.batched_cfg else 1, pixels=w * h * frames,
-                  bytes_per_param=2 if opts.convert_model_dtype else 4, vae_dtype=opts.vae_dtype,
-                  t5_bytes=t5_file.stat().st_size if t5_file and t5_file.is_file() else 11.4e9, t5_cpu=opts.t5_cpu,
-                  slots=opts.stream_blocks or 2)
+        kw = plan_inputs(cfg, opts, (w, h, frames), _t5_bytes(t5_file, components))
         explicit = opts.offload_model is not None or opts.stream_blocks
         if explicit:  # an explicit placement wins; say what it is expected to need
             name = "stream" if opts.stream_blocks else ("offload" if opts.offload_model else "resident")
@@ -195,12 +203,9 @@ class WanT2V:
                 opts = replace(opts, offload_model=False, stream_blocks=2)
             else:
                 opts = replace(opts, offload_model=self.memory_plan.placement == "offload")
+            opts = replace(opts, vae_bands=opts.vae_bands or self.memory_plan.vae_bands)
         log.info("memory plan for %dx%d, %d frames under %.1f GB: %s%s", w, h, frames, opts.max_gpu_memory,
                  self.memory_plan.describe(), " (explicit placement)" if explicit else "")
-        if self.device.type == "cuda":
-            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            total = torch.cuda.get_device_properties(index).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, opts.max_gpu_memory * 1e9 / total), index)
         return opts
 
     def _check_fp8(self, kernel: str) -> None:
@@ -269,6 +274,8 @@ class WanT2V:
             if self.vae is not None and self.vae.dtype != vae_dtype:
                 raise ValueError(f"the given VAE is {self.vae.dtype}, options ask for "
                                  f"vae_dtype={self.options.vae_dtype}")
+            if self.vae is not None:
+                self.vae.decode_bands = self.options.vae_bands  # a decode mode, not a weight change
             for expert, model in (("high", self.high_noise_model), ("low", self.low_noise_model)):
                 if expert in self.loras:
                     from .lora import merge_lora_
@@ -285,7 +292,8 @@ class WanT2V:
         self.text_encoder = T5EncoderModel(
             text_len=self.config.text_len, dtype=self.config.t5_dtype, device=torch.device("cpu"),
             checkpoint_path=str(ckpt / self.config.t5_checkpoint), tokenizer_path=str(ckpt / self.config.t5_tokenizer))
-        self.vae = Wan2_1_VAE(vae_pth=str(ckpt / self.config.vae_checkpoint), dtype=vae_dtype, device=self.device)
+        self.vae = Wan2_1_VAE(vae_pth=str(ckpt / self.config.vae_checkpoint), dtype=vae_dtype, device=self.device,
+                              decode_bands=self.options.vae_bands)
         dev = self.placement.load_device
         self.low_noise_model = WanModel.from_pretrained(ckpt, self.config.low_noise_checkpoint, dit_dtype, dev,
                                                         transform=loras["low"])
@@ -306,6 +314,8 @@ class WanT2V:
         if (options.offload_model is None and not options.stream_blocks
                 and options.max_gpu_memory == self.options.max_gpu_memory):  # the same memory plan
             resolved = replace(resolved, stream_blocks=self.options.stream_blocks)
+        if not options.vae_bands and options.max_gpu_memory == self.options.max_gpu_memory:  # the plan's bands
+            resolved = replace(resolved, vae_bands=self.options.vae_bands)
         if self.device.type == "cpu":
             resolved = replace(resolved, convert_model_dtype=False, offload_model=False)
         changed = [f for f in LOAD_FIELDS if getattr(resolved, f) != getattr(self.options, f)]
