@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks import fewstep
+from benchmarks import fewstep, fp8, memory_tiers
 from benchmarks.waterfall import markdown, projection
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -80,8 +80,19 @@ def fewstep_table(name: str) -> str:
     return fewstep.markdown(load(name)) + f"\n\nsources: {name}"
 
 
+# memory tiers (resident and block-streamed rows under emulated caps, one run each) and the fp8 tier
+MEMORY_FILES = ["h200_720p_memory_tiers_48gb.json", "h200_720p_memory_tiers_24gb.json"]
+FP8_FILES = ["h200_720p_fp8.json", "h200_480p_fp8_drift.json"]
+
+
+def sourced(table, name: str) -> str:
+    return table(load(name)) + f"\n\nsources: {name}"
+
+
 def report() -> str:
     parts = [waterfall_table(n) for n in STAGE_SOURCES] + [full_table()] + [fewstep_table(n) for n in FEWSTEP_FILES]
+    parts += [sourced(memory_tiers.markdown, n) for n in MEMORY_FILES]
+    parts += [sourced(fp8.markdown, n) for n in FP8_FILES]
     return "\n\n".join(parts)
 
 
