@@ -66,3 +66,13 @@ def test_scaling_two_processes_cpu(tmp_path):
     assert [r["world_size"] for r in rows] == [1, 2] and rows[1]["options"]["ulysses_size"] == 2
     assert rows[1]["pred_rel_diff"] < 1e-5  # Ulysses on 2 ranks computes the single-process prediction
     assert scaling.options_for(4, "cfg", {})["ulysses_size"] == 2
+
+
+def test_projection_counts_the_t5_down_copy_only_where_the_placement_makes_it():
+    """Resident encodes from a temporary copy of pinned host weights (no copy back); the reference's offload copies
+    T5 up and back down."""
+    stages = {"t5_encode_s": 1.0, "t5_to_gpu_s": 2.0, "t5_to_cpu_s": 8.0, "vae_decode_s": 6.0}
+    row = {"per_step_s": 1.0}
+    resident = waterfall.projection(row, {"offload_model": False}, stages)
+    offload = waterfall.projection(row, {}, stages)
+    assert resident["text_s"] == 3.0 and offload["text_s"] == 11.0
