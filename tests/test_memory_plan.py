@@ -122,3 +122,20 @@ def test_fast_on_a_card_too_small_says_so():
     kw = plan_inputs(WAN_CONFIGS["t2v-A14B"], fast_options(), (1280, 720, 81), 11.4e9)
     with pytest.raises(MemoryPlanError, match=r"^--fast: 8.0 GB free on the GPU: .*allow at least"):
         fast_budget(fast_options(), 8.0, **kw)
+
+
+def test_cli_fast_plans_for_the_free_memory(monkeypatch, tmp_path):
+    """generate.py: --fast with no placement flag asks the card for its free memory (mocked: 24 GB free)."""
+    import torch
+
+    import generate
+    from wan.cli import build_parser, options_from_args
+    from wan.configs import WAN_CONFIGS
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (24e9, 141e9))
+    args = build_parser().parse_args(["--fast", "--size", "1280*720", "--frame_num", "81"])
+    args.options = options_from_args(args)
+    assert not generate._placement_given(args)
+    opts = generate._fast_budget(args, WAN_CONFIGS["t2v-A14B"], torch.device("cuda"), tmp_path)
+    assert opts.max_gpu_memory == 24.0 and opts.offload_model is None and opts.compile
+    assert generate._placement_given(build_parser().parse_args(["--fast", "--stream_blocks", "2"]))
