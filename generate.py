@@ -67,13 +67,16 @@ def _classify(exc: BaseException, signum: int | None, state: RunState) -> tuple[
 
     from wan.cli import UsageError
     from wan.errors import CheckpointError, MemoryPlanError
+    from wan.modules.attention import BackendUnavailableError
+    from wan.modules.fp8 import Fp8UnavailableError
     from wan.preflight import PathError
     from wan.utils.video import OutputPathError
 
     if signum is not None or isinstance(exc, KeyboardInterrupt):
         signum = signum if signum is not None else getattr(exc, "signum", signal.SIGINT)
         return 128 + signum, f"interrupted by {signal.Signals(signum).name}; {state.written()}"
-    if isinstance(exc, (UsageError, PathError, MemoryPlanError)) or (
+    # a kernel the device cannot run (an fp8 switch on the CPU, FA3 missing) is refused before anything loads
+    if isinstance(exc, (UsageError, PathError, MemoryPlanError, Fp8UnavailableError, BackendUnavailableError)) or (
             isinstance(exc, OutputPathError) and state.preflight):
         return EXIT_USAGE, _first_line(exc)
     oom = type(exc).__name__ == "OutOfMemoryError" and "torch" in type(exc).__module__

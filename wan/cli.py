@@ -317,6 +317,25 @@ def validate_args(args) -> None:
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     check_parallel_layout(args.options, world, cfg.arch.num_heads)
+    _check_fp8_device(args.options, args.device)
+
+
+def _check_fp8_device(options, device_arg: str | None) -> None:
+    """fp8 switches on a device without fp8 kernels: refused here, before the tiny checkpoint or any model loads
+    (the pipeline refuses too; a CUDA GPU's capability and FA3 are checked there)."""
+    import torch
+
+    from .modules.fp8 import Fp8UnavailableError, check_fp8_support
+
+    device = torch.device(device_arg) if device_arg else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if options.fp8_linear != "none":
+        try:
+            check_fp8_support(device)
+        except Fp8UnavailableError as exc:
+            raise UsageError(str(exc)) from exc
+    if options.attn_backend == "flash3_fp8" and device.type != "cuda":
+        raise UsageError("attention backend flash3_fp8 needs a Hopper GPU (FA3's fp8 kernels are sm90 only); use "
+                         "--attn_backend sdpa on the CPU")
 
 
 def _check_prompts(args) -> None:
