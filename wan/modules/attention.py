@@ -26,10 +26,9 @@ BACKENDS = ("auto", "flash3", "flash2", "cudnn", "flash", "efficient", "math", "
 # cross-attention (512 text keys) in bf16: its QK^T and PV are 512 / L of the self-attention's work (0.7% at 720p)
 # while quantising q costs a full pass over q, so fp8 would not pay there, and the text conditions every token.
 FP8_MIN_KEYS = 1024
-# flash3_fp8 also removes V's mean over the keys (exact). Measured on the q, k, v of random-weight A14B blocks at 480p
-# (H200): without it FA3's fp8 output came out 13-32% too small in norm (14-33% error per call, 14.5% on the whole
-# prediction); with it 0.3-1.3% per call and 0.5% on the prediction, at no measurable cost. K smoothing changed
-# nothing on those blocks; it pays where keys share a large offset (tests/test_gpu_fp8.py).
+# flash3_fp8 also removes V's mean over the keys (exact, see _flash3_fp8_kernel). Without it, fp8 attention had 14.5%
+# prediction error at 480p (benchmarks/results/h200_480p_fp8_k_smoothing_only.json); with it 0.5% at 720p
+# (h200_720p_fp8.json), at no measurable cost. K smoothing pays where keys share a large offset (gpu_fp8.json).
 SMOOTH_V = True
 
 
