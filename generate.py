@@ -153,11 +153,10 @@ def _fast_budget(args, cfg, device, ckpt_dir):
     import torch
 
     from wan.cli import size_tuple
-    from wan.memory_plan import fast_budget, plan_inputs
+    from wan.memory_plan import fast_budget, plan_inputs, t5_weight_bytes
 
     free = torch.cuda.mem_get_info(device)[0] / 1e9
-    t5_file = Path(ckpt_dir) / cfg.t5_checkpoint
-    t5_bytes = t5_file.stat().st_size if t5_file.is_file() else 11.4e9
+    t5_bytes = t5_weight_bytes(Path(ckpt_dir) / cfg.t5_checkpoint)
     kw = plan_inputs(cfg, args.options, (*size_tuple(args.size), args.frame_num), t5_bytes)
     options, line = fast_budget(args.options, free, **kw)
     log.info(line)

@@ -90,7 +90,6 @@ def run_row(args):
     build_s = time.perf_counter() - t0
     allocator = "default"
     if args.memory_cap_gb and device.type == "cuda":  # emulate a smaller card from here on (weights are placed)
-        torch.cuda.empty_cache()
         allocator = bound_allocator(device, args.memory_cap_gb)  # what --max_gpu_memory does in the product
     noise, ctx, ctx_null, seq_len = inputs(args.res, device, args.frame_num)
     seq_len = -(-seq_len // pipe.sp_size) * pipe.sp_size  # a multiple of the Ulysses degree, as generate() does

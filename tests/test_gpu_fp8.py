@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.fp8 import cuda_ms, rel
 from wan.options import RuntimeOptions
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -36,23 +37,6 @@ def needs_fa3_fp8(**kw):
         return flash3_fp8_backend("cuda", **kw)
     except BackendUnavailableError as exc:
         pytest.skip(str(exc))
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def cuda_ms(fn, reps=20):
-    fn(), fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def realistic_linear(k, n, seed=0):
@@ -84,8 +68,8 @@ def test_fp8_linear_full_size_error_and_time(gpu_record):
     err, err_bf16 = rel(y, exact), rel(lin(x), exact)
     compiled = torch.compile(fp8, dynamic=False)
     compiled(x)
-    times = dict(bf16_ms=cuda_ms(lambda: lin(x)), fp8_eager_ms=cuda_ms(lambda: fp8(x)),
-                 fp8_compiled_ms=cuda_ms(lambda: compiled(x)))
+    times = dict(bf16_ms=cuda_ms(lambda: lin(x), 20), fp8_eager_ms=cuda_ms(lambda: fp8(x), 20),
+                 fp8_compiled_ms=cuda_ms(lambda: compiled(x), 20))
     flops = 2 * 4096 * 5120 * 13824
     gpu_record(shape="4096 x 5120 -> 13824", fp8_rel_err=err, bf16_rel_err=err_bf16, **times,
                **{k.replace("_ms", "_tflops"): flops / v / 1e9 for k, v in times.items()})

@@ -82,6 +82,13 @@ def estimate(placement: str, arch, tokens: int, batch: int, pixels: int, bytes_p
     return MemoryPlan(placement, max(phases.values()), phases, vae_bands if vae_bands > 1 else 0)
 
 
+def t5_weight_bytes(t5_file=None, encoder=None) -> float:
+    """T5's weight bytes: the given encoder's, else the checkpoint file's size (bf16 on disk), else umt5-xxl's."""
+    if encoder is not None:
+        return float(sum(t.numel() * t.element_size() for t in encoder.model.parameters()))
+    return float(t5_file.stat().st_size) if t5_file is not None and t5_file.is_file() else 11.4e9
+
+
 def plan_inputs(config, options, size_frames: tuple[int, int, int], t5_bytes: float) -> dict:
     """`estimate` / `choose` keyword arguments for a task config, RuntimeOptions and (width, height, frames)."""
     w, h, frames = size_frames

@@ -93,14 +93,6 @@ class GenerationResult:
     latent: torch.Tensor | None = None
 
 
-def _t5_bytes(t5_file: Path | None, components: dict | None) -> float:
-    """T5's weight bytes for the memory plan: the given encoder's, else the checkpoint file's size (bf16 on disk)."""
-    encoder = (components or {}).get("text_encoder")
-    if encoder is not None:
-        return float(sum(t.numel() * t.element_size() for t in encoder.model.parameters()))
-    return float(t5_file.stat().st_size) if t5_file and t5_file.is_file() else 11.4e9  # umt5-xxl encoder, bf16
-
-
 class WanT2V:
     def __init__(self, config: TaskConfig, checkpoint_dir, device_id: int = 0, rank: int = 0, t5_fsdp: bool = False,
                  dit_fsdp: bool = False, use_sp: bool = False, t5_cpu: bool = False, convert_model_dtype: bool = False,
@@ -186,13 +178,13 @@ class WanT2V:
     # ---- build time ----------------------------------------------------------------------------------------
     def _plan_memory(self, opts: RuntimeOptions, checkpoint_dir, plan_for, components) -> RuntimeOptions:
         """Pick the placement for options.max_gpu_memory (unless one was given explicitly) and cap the process."""
-        from .memory_plan import choose, estimate, plan_inputs
+        from .memory_plan import choose, estimate, plan_inputs, t5_weight_bytes
 
         cfg = self.config
         w, h = plan_for[:2] if plan_for else SIZE_CONFIGS[cfg.default_size]
         frames = plan_for[2] if plan_for else cfg.frame_num
         t5_file = Path(checkpoint_dir) / cfg.t5_checkpoint if checkpoint_dir else None
-        kw = plan_inputs(cfg, opts, (w, h, frames), _t5_bytes(t5_file, components))
+        kw = plan_inputs(cfg, opts, (w, h, frames), t5_weight_bytes(t5_file, (components or {}).get("text_encoder")))
         explicit = opts.offload_model is not None or opts.stream_blocks
         if explicit:  # an explicit placement wins; say what it is expected to need
             name = "stream" if opts.stream_blocks else ("offload" if opts.offload_model else "resident")
