@@ -258,7 +258,7 @@ def _check_error(code, err, case: Case):
 def _check_left(tmp: Path, before: dict[str, bytes], case: Case):
     """Nothing new next to the target, no temporary file anywhere, kept files unchanged."""
     after = {str(p.relative_to(tmp)) for p in tmp.rglob("*")}
-    assert not [p for p in after if p.endswith(".tmp.mp4") or ".probe." in p], after
+    assert not [p for p in after if p.endswith((".tmp.mp4", ".prb.mp4"))], after
     assert not (tmp / "out.mp4").exists()
     assert after == set(before), sorted(after ^ set(before))
     for name, data in case.keep.items():
@@ -382,6 +382,7 @@ class Running:
 
 
 def _temps(folder: Path) -> list[Path]:
+    """The video being written (not the up-front writability probe, which is named *.prb.mp4)."""
     return [p for p in folder.iterdir() if p.name.endswith(".tmp.mp4")]
 
 

@@ -173,6 +173,8 @@ def test_temp_name_has_a_fixed_length(tmp_path):
     names = {V.temp_name(tmp_path / "out.mp4").name for _ in range(20)}
     assert len(names) == 20 and {len(n) for n in names} == {len(".out.mp4.") + 8 + len(".tmp.mp4")}
     assert all(n.startswith(".out.mp4.") and n.endswith(".tmp.mp4") for n in names)
+    probe = V.temp_name(tmp_path / "out.mp4", "prb").name  # the probe: same length, never taken for the video
+    assert len(probe) == len(names.pop()) and probe.endswith(".prb.mp4")
 
 
 def test_symlinks_resolved_and_dangling_counts_as_existing(tmp_path):
@@ -215,7 +217,7 @@ def test_probe_catches_os_refusals(tmp_path, monkeypatch):
     real_open = V.os.open
 
     def refuse(path, flags, *a):
-        if str(path).endswith(".tmp.mp4"):
+        if str(path).endswith(".prb.mp4"):
             raise OSError(errno.EROFS, "Read-only file system")
         return real_open(path, flags, *a)
 

@@ -63,9 +63,11 @@ def default_save_name(task: str, size: str, ulysses_size: int, prompt: str, now=
     return f"{task}_{size_str}_{middle}_{formatted_prompt}_{now.strftime('%Y%m%d_%H%M%S')}.mp4"
 
 
-def temp_name(path: Path) -> Path:
-    """The hidden temporary file next to `path`; it must end in .mp4 for imageio. Fixed length for a given path."""
-    return path.with_name(f".{path.name}.{secrets.token_hex(_TMP_TOKEN_HEX // 2)}.tmp.mp4")
+def temp_name(path: Path, kind: str = "tmp") -> Path:
+    """The hidden temporary file next to `path`; it must end in .mp4 for imageio. Fixed length for a given path.
+    `kind` is "tmp" (the video being written) or "prb" (the writability probe): same length, told apart by name."""
+    assert len(kind) == 3, kind
+    return path.with_name(f".{path.name}.{secrets.token_hex(_TMP_TOKEN_HEX // 2)}.{kind}.mp4")
 
 
 def _os_reason(exc: OSError) -> str:
@@ -79,7 +81,7 @@ def _os_reason(exc: OSError) -> str:
 def probe_writable(path: Path) -> None:
     """Create and remove a real file next to `path` whose name has the temporary file's length, so read-only places,
     names too long for the filesystem and other OS refusals show up before any work is done."""
-    probe = temp_name(path)
+    probe = temp_name(path, "prb")
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
