@@ -7,7 +7,12 @@
 2. a whole few-step generation as `--distilled` runs it (random rank-64 LoRAs in the Lightning layout merged into
    random full-size experts, Euler, 4 steps, shift 5, guidance 1: one forward per step, `--fast` switches), the first
    video (compile included) and `--repeat` steady videos in the same process (what batch mode does), stage by stage;
-3. VAE decode at this size in fp32 and bf16 with the error of bf16 against fp32 (the stages row).
+3. VAE decode at this size in fp32 and bf16 with the error of bf16 against fp32 (the stages row);
+4. each `--variant NAME=JSON` (option overrides, e.g. fp8): the same few-step generation with those options, its
+   timing beside the baseline's and its error against the baseline's video (same weights, LoRAs, seed and prompt):
+
+    python -m benchmarks.fewstep --res 720p --skip row,stages --options '{... "vae_dtype": "bf16"}' \
+        --variant 'fp8 all + flash3_fp8={"fp8_linear": "all", "attn_backend": "flash3_fp8"}'
 Random weights bound timing and numerics, not quality: the quality of a few-step video depends on the LoRA.
 """
 from __future__ import annotations
@@ -15,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from benchmarks.waterfall import environment, finish, projection, run_child
 from wan.options import FAST_PRESET
@@ -32,6 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--lora_rank", type=int, default=64)
     p.add_argument("--options", default=json.dumps(FAST_PRESET), help="RuntimeOptions as JSON (default --fast)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: row,fewstep,stages")
+    p.add_argument("--variant", action="append", default=[], type=parse_variant, metavar="NAME=JSON",
+                   help="another few-step row with these option overrides, compared with the baseline's video")
     p.add_argument("--deadline", type=float, default=560)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -51,14 +60,60 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - t0:5.0f} s] 40-step row: {json.dumps(row)[:300]}", flush=True)
     if "fewstep" not in skip:
         d = DISTILLED
-        record["fewstep"] = run_child([*common, "full", "--options", args.options, "--solver", d["solver"],
-                                       "--sampling_steps", str(d["sampling_steps"]), "--shift", str(d["shift"]),
-                                       "--guide", *map(str, d["guide"]), "--lora_rank", str(args.lora_rank),
-                                       "--repeat", str(args.repeat)], left())
-        print(f"[{time.perf_counter() - t0:5.0f} s] few-step: {json.dumps(record['fewstep'])[:300]}", flush=True)
+        few = [*common, "full", "--solver", d["solver"], "--sampling_steps", str(d["sampling_steps"]), "--shift",
+               str(d["shift"]), "--guide", *map(str, d["guide"]), "--lora_rank", str(args.lora_rank), "--repeat",
+               str(args.repeat)]
+        with tempfile.TemporaryDirectory() as tmp:  # the baseline's latent and video, for the variants' errors
+            ref = Path(tmp) / "baseline.pt"
+            save = ["--save", str(ref)] if args.variant else []
+            record["fewstep"] = run_child([*few, "--options", args.options, *save], left())
+            print(f"[{time.perf_counter() - t0:5.0f} s] few-step: {json.dumps(record['fewstep'])[:300]}", flush=True)
+            for name, overrides in args.variant:
+                opts = json.dumps({**json.loads(args.options), **overrides})
+                if not ref.is_file():
+                    row = {"error": "the baseline few-step row wrote no video to compare with", "name": name}
+                else:
+                    row = {**run_child([*few, "--options", opts, "--ref", str(ref)], left()), "name": name}
+                record.setdefault("variants", []).append(row)
+                print(f"[{time.perf_counter() - t0:5.0f} s] {name}: {json.dumps(row)[:300]}", flush=True)
     record["wall_s"] = time.perf_counter() - t0
     finish(record, args.out, markdown)
     return 0
+
+
+def args_rank(record: dict) -> str:
+    few = record.get("fewstep") or {}
+    return str(few.get("lora_rank", "?"))
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'NAME={"option": value, ...}' -> (NAME, overrides)."""
+    name, sep, js = text.partition("=")
+    try:
+        overrides = json.loads(js) if sep else None
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: the part after '=' is not JSON ({e})") from None
+    if not name.strip() or not isinstance(overrides, dict):
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected NAME={{JSON object of option overrides}}")
+    return name.strip(), overrides
+
+
+def _fewstep_line(name: str, few: dict) -> str:
+    if "error" in few:
+        return f"| {name} | error: {few['error'][-150:]} | | | | |"
+    st = few["steady_video_s"]
+    steady = few["runs"][1:] or few["runs"]
+    stages = {k: round(sum(r["stages"].get(k, 0) for r in steady) / len(steady), 2) for k in steady[0]["stages"]}
+    dit = stages.get("dit_high", 0) + stages.get("dit_low", 0)
+    merge = sum(v for k, v in few.get("load_timings", {}).items() if k.startswith("lora_merge"))
+    err = few.get("video_vs_ref")
+    err = (f"; vs the baseline video: PSNR {err['psnr_mean_db']:.1f} dB (min {err['psnr_min_db']:.1f}), SSIM "
+           f"{err['ssim_mean']:.4f}, latent rel diff {few['latent_rel_diff']:.1e}") if err else ""
+    return (f"| {name} | {st['median']:.1f} (min {st['min']:.1f}, max {st['max']:.1f}, n {st['n']}); first video "
+            f"{few['first_video_s']:.1f} | {dit / few['sampling_steps']:.3f} s | {few['sampling_steps']} | "
+            f"{max(r['peak_gb'] for r in steady):.1f} / {max(r['peak_reserved_gb'] for r in steady):.1f} | "
+            f"stages {json.dumps(stages)}; LoRA merge {merge:.1f} s; experts "
+            f"{''.join(h[0] for h in few['runs'][-1]['expert_trace'])}{err} |")
 
 
 def markdown(record: dict) -> str:
@@ -77,20 +132,11 @@ def markdown(record: dict) -> str:
     elif row:
         lines.append(f"| 40 steps, CFG, --fast | error: {row['error'][-150:]} | | | | |")
     few = record.get("fewstep")
-    if few and "error" not in few:
-        st = few["steady_video_s"]
-        steady = few["runs"][1:] or few["runs"]
-        stages = {k: round(sum(r["stages"].get(k, 0) for r in steady) / len(steady), 2) for k in steady[0]["stages"]}
-        dit = stages.get("dit_high", 0) + stages.get("dit_low", 0)
-        merge = sum(v for k, v in few.get("load_timings", {}).items() if k.startswith("lora_merge"))
-        lines.append(f"| 4 steps, Euler, guidance 1, rank-{few['lora_rank']} LoRAs, --fast (measured) | "
-                     f"{st['median']:.1f} (min {st['min']:.1f}, max {st['max']:.1f}, n {st['n']}); first video "
-                     f"{few['first_video_s']:.1f} | {dit / few['sampling_steps']:.3f} s | {few['sampling_steps']} | "
-                     f"{max(r['peak_gb'] for r in steady):.1f} / {max(r['peak_reserved_gb'] for r in steady):.1f} | "
-                     f"stages {json.dumps(stages)}; LoRA merge {merge:.1f} s; experts "
-                     f"{''.join(h[0] for h in few['runs'][-1]['expert_trace'])} |")
-    elif few:
-        lines.append(f"| few-step | error: {few['error'][-150:]} | | | | |")
+    if few:
+        lines.append(_fewstep_line(f"4 steps, Euler, guidance 1, rank-{args_rank(record)} LoRAs, --fast (measured)",
+                                   few))
+    for row in record.get("variants", []):
+        lines.append(_fewstep_line(f"4 steps, {row['name']}", row))
     st = record.get("stages")
     if st and "error" not in st and "vae" in st:
         for name, v in st["vae"].items():

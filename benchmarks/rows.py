@@ -321,7 +321,16 @@ def run_full(args):
         for key, mine in (("latent", pipe.last_result.latent), ("video", video)):
             d = (mine.float().cpu() - ref[key]).abs()
             out[f"{key}_max_abs_diff"], out[f"{key}_rel_diff"] = d.max().item(), (d.norm() / ref[key].norm()).item()
+        out["video_vs_ref"] = video_error(video.float().cpu(), ref["video"])
     return out
+
+
+def video_error(video: torch.Tensor, ref: torch.Tensor) -> dict:
+    """PSNR / SSIM of two [3, T, H, W] videos in [-1, 1] as they would be saved (8-bit frames)."""
+    from benchmarks.compare import compare_videos
+    from wan.utils.video import _to_frames
+
+    return compare_videos(_to_frames(video), _to_frames(ref))
 
 
 def main(argv=None):

@@ -76,3 +76,29 @@ def test_projection_counts_the_t5_down_copy_only_where_the_placement_makes_it():
     resident = waterfall.projection(row, {"offload_model": False}, stages)
     offload = waterfall.projection(row, {}, stages)
     assert resident["text_s"] == 3.0 and offload["text_s"] == 11.0
+
+
+def test_fewstep_variant_is_compared_with_the_baseline_video(tmp_path, capsys):
+    from benchmarks import fewstep
+
+    out = tmp_path / "few.json"
+    code = fewstep.main(["--res", "tiny", "--frame_num", "5", "--skip", "row,stages", "--repeat", "0", "--lora_rank",
+                         "4", "--options", "{}", "--variant", 'fast rope={"fast_rope": true}', "--out", str(out),
+                         "--deadline", "300"])
+    assert code == 0
+    rec = json.loads(out.read_text())
+    base, (var,) = rec["fewstep"], rec["variants"]
+    assert "error" not in base and "error" not in var, (base, var)
+    assert var["name"] == "fast rope" and var["options"].get("fast_rope") and not base["options"].get("fast_rope")
+    err = var["video_vs_ref"]  # same weights, LoRAs, seed and prompt: only fp32 rounding apart on CPU
+    assert var["latent_rel_diff"] < 1e-4 and err["psnr_min_db"] > 40 and err["frames"] == 5
+    assert "| 4 steps, fast rope |" in capsys.readouterr().out
+
+
+def test_fewstep_variant_must_be_name_and_json():
+    from benchmarks import fewstep
+
+    assert fewstep.parse_variant('fp8={"fp8_linear": "all"}') == ("fp8", {"fp8_linear": "all"})
+    for bad in ("fp8", "={}", 'fp8=["all"]', "fp8={oops"):
+        with pytest.raises(Exception, match="--variant"):
+            fewstep.parse_variant(bad)
