@@ -3,7 +3,8 @@ a fresh process (`torch.cuda.set_per_process_memory_fraction` after the weights 
 
     python -m benchmarks.memory_tiers --res 480p --caps 16,24 --out benchmarks/results/h200_480p_memory_tiers.json
 
-Rows time 3+ real denoising steps (CFG, batch-2) and report the peak allocated / reserved memory under the cap.
+Rows time 3+ real denoising steps (CFG, batch-2) and report the peak allocated / reserved memory under the cap;
+streamed rows then profile one more step for the copy/compute overlap (benchmarks/overlap.py).
 `--whole_run GB` adds one whole generation through the product path `--fast --max_gpu_memory GB` (the memory plan
 picks placement and VAE bands; T5 + 4 Euler steps with CFG over both experts + VAE decode) and its peak memory.
 """
@@ -40,7 +41,8 @@ def main(argv=None) -> int:
     record = {"env": environment(), "res": args.res, "frame_num": args.frame_num, "rows": []}
     for label, opts, cap in rows:
         left = args.deadline - (time.perf_counter() - t0)
-        row = run_child([*common, "--options", json.dumps(opts), "--memory_cap_gb", str(cap)], left) \
+        overlap = ["--overlap"] if opts.get("stream_blocks") else []
+        row = run_child([*common, "--options", json.dumps(opts), "--memory_cap_gb", str(cap), *overlap], left) \
             if left > 30 else {"error": "skipped: out of time"}
         row.update(label=label, options=opts)
         record["rows"].append(row)
@@ -62,6 +64,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def _overlap_note(ov: dict | None) -> str:
+    if not ov or not ov.get("block_copies"):
+        return ""
+    return (f"; profiled step: {ov['block_copies']} block copies, {ov['copy_ms_total']:.0f} ms, "
+            f"{100 * ov['covered_fraction']:.0f}% under compute")
+
+
 def markdown(record: dict) -> str:
     env = record["env"]
     lines = [f"### {env.get('gpu', 'cpu')}, {record['res']}, {record['frame_num']} frames, torch {env['torch']}, "
@@ -78,7 +87,7 @@ def markdown(record: dict) -> str:
         label = r["label"] + (" (one expert built, serving both levels)" if r.get("experts_built") == 1 else "")
         lines.append(f"| {label} | {r['per_forward_s']:.3f} ({sp['median']:.2f}, {sp['min']:.2f}, "
                      f"{sp['max']:.2f}, {sp['n']}) | {ratio} | {r['peak_gb']:.1f} / {r['peak_reserved_gb']:.1f} | "
-                     f"{r['placement']} |")
+                     f"{r['placement']}{_overlap_note(r.get('overlap'))} |")
     run = record.get("whole_run")
     if run:
         lines += ["", f"Whole generation under `--fast --max_gpu_memory {run['budget_gb']:g}` (T5, 4 Euler steps with "

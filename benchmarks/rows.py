@@ -138,7 +138,23 @@ def run_row(args):
             result[f"{key}_rel_diff"] = (d.norm() / ref[key].norm()).item()
     if args.profile:
         result["profile"] = profile_forward(pipe, noise, ctx, ctx_null, seq_len, args.profile)
+    if args.overlap and device.type == "cuda":
+        result["overlap"] = profile_overlap(pipe, noise, ctx, ctx_null, seq_len)
     return result
+
+
+def profile_overlap(pipe, noise, ctx, ctx_null, seq_len) -> dict:
+    """Copy/compute overlap of block streaming in one steady step (benchmarks.overlap), after the timed steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.overlap import copy_overlap
+
+    run = dict(context=ctx, context_null=ctx_null, seq_len=seq_len, sample_solver="unipc", sampling_steps=40,
+               shift=12.0, guide=(3.0, 4.0))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        pipe.sample(noise, max_steps=1, **run)
+        sync(noise.device)
+    return copy_overlap(prof.events())
 
 
 def profile_forward(pipe, noise, ctx, ctx_null, seq_len, path):
@@ -351,6 +367,8 @@ def main(argv=None):
     p.add_argument("--guide", type=float, nargs=2, default=(3.0, 4.0), help="full: guidance (low, high)")
     p.add_argument("--lora_rank", type=int, default=0, help="full: merge random LoRAs of this rank")
     p.add_argument("--repeat", type=int, default=2, help="steady generations after the first (full)")
+    p.add_argument("--overlap", action="store_true",
+                   help="row: profile one more step and report how much of the block copies compute hides")
     p.add_argument("--save", default=None, help="write the latent and first prediction / video here")
     p.add_argument("--ref", default=None, help="compare with a file written by --save")
     p.add_argument("--profile", default=None, help="write a profiler summary of one forward here (row)")

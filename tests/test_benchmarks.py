@@ -102,3 +102,21 @@ def test_fewstep_variant_must_be_name_and_json():
     for bad in ("fp8", "={}", 'fp8=["all"]', "fp8={oops"):
         with pytest.raises(Exception, match="--variant"):
             fewstep.parse_variant(bad)
+
+
+def test_copy_overlap_counts_only_block_copies_under_kernels():
+    from types import SimpleNamespace as NS
+
+    from benchmarks.overlap import copy_overlap, covered
+
+    assert covered((0, 10), [(2, 4), (3, 6), (8, 20)]) == 6  # union: 2..6 and 8..10
+    cuda = NS(name="CUDA")
+
+    def ev(name, a, b):
+        return NS(name=name, time_range=NS(start=a, end=b), device_type=cuda)
+
+    events = [ev("Memcpy HtoD (Pinned -> Device)", 0, 4000), ev("Memcpy HtoD (Pinned -> Device)", 5000, 5100),
+              ev("gemm", 1000, 3000), ev("Memset (Device)", 0, 4000), ev("Memcpy HtoD (Pinned -> Device)", 6000, 8000)]
+    ov = copy_overlap(events)  # the 100 us upload is not a block copy; memsets and copies are not compute
+    assert ov["block_copies"] == 2 and ov["copy_ms"] == [4.0, 2.0] and ov["covered_fraction"] == 2000 / 6000
+    assert copy_overlap([])["covered_fraction"] is None

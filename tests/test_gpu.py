@@ -243,22 +243,6 @@ def test_no_recompiles_at_a_real_shape(gpu_record):
 
 
 # ---- block streaming: the copies hide behind compute ----------------------------------------------------------------
-def _intervals(events, pick):
-    return sorted((e.time_range.start, e.time_range.end) for e in events if pick(e))
-
-
-def _covered(span, intervals):
-    """Microseconds of `span` covered by the union of `intervals` (sorted)."""
-    lo, hi = span
-    covered, cursor = 0.0, lo
-    for a, b in intervals:
-        a, b = max(a, cursor), min(b, hi)
-        if b > a:
-            covered += b - a
-            cursor = b
-    return covered
-
-
 def test_block_streaming_copies_overlap_compute(gpu_record):
     """Six A14B-width blocks streamed through 2 slots at 480p tokens (32,760; ~65 ms of compute per block against
     ~13 ms per 0.7 GB copy): in a profiled steady forward, the host-to-device copies of the blocks run while the
@@ -266,6 +250,7 @@ def test_block_streaming_copies_overlap_compute(gpu_record):
     resident one. (At 9,360 tokens, 12.4 ms of compute per block, the copies cannot hide: 70% covered, 1.24x.)"""
     from torch.profiler import ProfilerActivity, profile
 
+    from benchmarks.overlap import copy_overlap
     from wan.block_stream import BlockStreamer
     from wan.configs.model_config import A14B
     from wan.modules.attention import resolve_attention
@@ -305,15 +290,9 @@ def test_block_streaming_copies_overlap_compute(gpu_record):
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             model(x, t, ctx[:1], seq)
             torch.cuda.synchronize()
-    events = prof.events()
-    copies = _intervals(events, lambda e: "Memcpy HtoD" in e.name)
-    kernels = _intervals(events, lambda e: e.device_type.name == "CUDA" and "Memcpy" not in e.name
-                         and "Memset" not in e.name)
-    big = [c for c in copies if c[1] - c[0] > 1000]  # the block copies (~0.7 GB, ~13 ms), not small uploads
-    covered = sum(_covered(c, kernels) for c in big) / max(sum(c[1] - c[0] for c in big), 1e-9)
-    gpu_record(block_copies=len(big), copy_ms=[round((b - a) / 1e3, 2) for a, b in big], covered_fraction=covered,
-               resident_forward_s=resident_s, streamed_forward_s=streamed_s, ratio=streamed_s / resident_s,
+    ov = copy_overlap(prof.events())  # the block copies (~0.7 GB, ~13 ms), not small uploads
+    gpu_record(**ov, resident_forward_s=resident_s, streamed_forward_s=streamed_s, ratio=streamed_s / resident_s,
                copies=streamer.copies, on_demand=streamer.on_demand)
-    assert len(big) >= 5, len(big)
-    assert covered >= 0.8, covered
+    assert ov["block_copies"] >= 5, ov
+    assert ov["covered_fraction"] >= 0.8, ov
     assert streamed_s <= 1.1 * resident_s, (streamed_s, resident_s)
