@@ -75,6 +75,12 @@ class RuntimeOptions:
         "one time embedding per sample, not per token (exact for t2v: every token has the same t)"))
     fast_rope: bool = field(default=False, metadata=_call(
         "RoPE in fp32 from cached cos/sin tables (no complex128, no per-forward table building)"))
+    ffn_chunks: int = field(default=0, metadata=_call(
+        "run each DiT FFN over N token chunks (2 to 16): bounds its [tokens, 13824] intermediate; the same rows "
+        "within rounding; 0: whole (the reference)"))
+    fused_qk_rope: bool = field(default=False, metadata=_call(
+        "self-attention q/k RMSNorm + weight + RoPE + bf16 cast in one Triton kernel (the --fast_rope math, q and k "
+        "written once in bf16); needs --fast_rope, a CUDA GPU and triton; not in --fast until measured on a GPU"))
 
     def __post_init__(self):
         if self.attn_backend not in BACKENDS:
@@ -90,6 +96,8 @@ class RuntimeOptions:
                              "would turn the e4m3 weights back into bf16; drop one of them")
         if not 0 <= self.vae_bands <= 64:
             raise ValueError(f"vae_bands must be 0 (whole frames) or 1..64 bands, got {self.vae_bands}")
+        if self.ffn_chunks not in (0, 1) and not 2 <= self.ffn_chunks <= 16:
+            raise ValueError(f"ffn_chunks must be 0 (whole) or 2..16 token chunks, got {self.ffn_chunks}")
         if self.ulysses_size < 1:
             raise ValueError(f"ulysses_size must be >= 1, got {self.ulysses_size}")
         if not (math.isfinite(self.max_gpu_memory) and 0 <= self.max_gpu_memory <= 10_000):

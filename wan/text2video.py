@@ -29,6 +29,7 @@ from .errors import LoadTimeOptionError
 from .guidance import choose_guidance
 from .modules.attention import resolve_attention
 from .modules.model import WanModel
+from .modules.qk_rope import resolve_qk_rope
 from .modules.t5 import T5EncoderModel
 from .modules.vae import VAE_DTYPES, Wan2_1_VAE
 from .options import LOAD_FIELDS, RuntimeOptions
@@ -152,6 +153,7 @@ class WanT2V:
         self.load_timings: dict = {}
         self.fp8: dict = {}  # expert -> Fp8Summary, when options.fp8_linear converts linears
         self._check_fp8(fp8_kernel)
+        self._fused_qk_rope(self.options)  # refused before anything loads
 
         t0 = time.perf_counter()
         self._load(checkpoint_dir, components)
@@ -323,14 +325,24 @@ class WanT2V:
         if options.attn_backend not in self._attention_cache:
             self._attention_cache[options.attn_backend] = resolve_attention(options.attn_backend, self.device)
         self.attention = self._attention_cache[options.attn_backend]
+        qk_rope = self._fused_qk_rope(options)
         for model in (self.low_noise_model, self.high_noise_model):
             model.configure(self.attention, fast_rope=options.fast_rope,
-                            fast_time_embedding=options.fast_time_embedding)
+                            fast_time_embedding=options.fast_time_embedding, qk_rope=qk_rope,
+                            ffn_chunks=options.ffn_chunks)
             if options.compile:
                 compile_blocks(model, options.compile_mode)
             else:
                 uncompile_blocks(model)
         self.call_options = options
+
+    def _fused_qk_rope(self, options: RuntimeOptions):
+        """options.fused_qk_rope: the Triton kernel (probed), or a one-line error where it cannot run; None if off."""
+        if not options.fused_qk_rope:
+            return None
+        if not options.fast_rope:
+            raise ValueError("--fused_qk_rope applies the fast RoPE's cos/sin tables: add --fast_rope (or --fast)")
+        return resolve_qk_rope(self.device)
 
     # ---- generation --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -380,6 +392,8 @@ class WanT2V:
         result = GenerationResult(seed=seed, steps=steps, solver=solver, timings=timer.times, options=opts,
                                   backends=self.backends(guidance))
         self.last_result = result
+        log.info("kernels: %s", {k: result.backends[k] for k in ("attention", "rope", "qk_norm_rope", "ffn",
+                                                                  "time_embedding", "compile")})
 
         with timer("text_encode"):
             context = self.placement.encode([prompt])
@@ -406,7 +420,9 @@ class WanT2V:
         """What runs: kernels, RoPE and time-embedding forms, compile, guidance, placement, LoRAs."""
         model = self.high_noise_model
         out = {"attention": self.attention.name, "rope": model.rope.name,
+               "qk_norm_rope": model.qk_rope.name if model.qk_rope else "norm, then RoPE (reference)",
                "time_embedding": "per sample" if model.fast_time_embedding else "per token (reference)",
+               "ffn": model.ffn_runner.name,
                "compile": self.call_options.compile_mode if self.call_options.compile else "off",
                "placement": self.placement.name, "sequence_parallel": self.sp_size,
                "loras": {e: f"{p.name} x {s}" for e, (p, s) in self.loras.items()},

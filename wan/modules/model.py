@@ -1,9 +1,10 @@
 """The Wan 2.2 DiT (`WanModel`): the reference's math, its constructor, config semantics and state-dict keys.
 
 One readable forward. The fast paths are alternatives chosen by `configure()` (attention backend, RoPE form,
-per-sample time embedding); with the defaults the forward is the reference's, step for step. Sequence parallelism
-(Ulysses) is a load-time layout set by `set_sequence_parallel()`: the same forward then shards the tokens after the
-embeddings and gathers them after the head (both do nothing without a group).
+per-sample time embedding, fused q/k norm + RoPE, FFN over token chunks); with the defaults the forward is the
+reference's, step for step. Sequence parallelism (Ulysses) is a load-time layout set by `set_sequence_parallel()`:
+the same forward then shards the tokens after the embeddings and gathers them after the head (both do nothing
+without a group).
 Shapes: d = dim, L = padded token count (seq_len), H = heads, D = head dim = d / H.
 """
 from __future__ import annotations
@@ -17,7 +18,9 @@ import torch.nn as nn
 from ..configs.model_config import WanConfig
 from ..distributed.ulysses import UlyssesAttention, gather_tokens, shard_tokens
 from .attention import DEFAULT_ATTENTION, AttentionBackend
+from .ffn import WholeFFN, ffn_runner
 from .precision import fp32_region
+from .qk_rope import FusedQKRope
 from .rope import FastRope, ReferenceRope
 
 __all__ = ["WanModel", "sinusoidal_embedding_1d"]
@@ -69,14 +72,20 @@ class WanSelfAttention(nn.Module):
         # Chosen once by WanModel.configure(); plain attributes, not modules.
         self.attention: AttentionBackend = DEFAULT_ATTENTION
         self.rope = ReferenceRope
+        self.qk_rope: FusedQKRope | None = None  # None: norm, then RoPE (the reference)
 
     def forward(self, x, seq_lens, rope_table):
         """x [B, L, d] -> [B, L, d]; keys limited to each sample's real tokens (seq_lens)."""
         b, s, n, d = *x.shape[:2], self.num_heads, self.head_dim
-        q = self.norm_q(self.q(x)).view(b, s, n, d)
-        k = self.norm_k(self.k(x)).view(b, s, n, d)
+        if self.qk_rope is None:
+            q = self.norm_q(self.q(x)).view(b, s, n, d)
+            k = self.norm_k(self.k(x)).view(b, s, n, d)
+            q, k = self.rope.apply(q, rope_table), self.rope.apply(k, rope_table)
+        else:  # the same norm + fast RoPE fused, q and k [B, L, H, D] already in the attention's dtype (bf16)
+            q, k = self.qk_rope(self.q(x), self.k(x), self.norm_q.weight, self.norm_k.weight, self.norm_q.eps,
+                                rope_table, n)
         v = self.v(x).view(b, s, n, d)
-        x = self.attention(self.rope.apply(q, rope_table), self.rope.apply(k, rope_table), v, k_lens=seq_lens)
+        x = self.attention(q, k, v, k_lens=seq_lens)
         return self.o(x.flatten(2))
 
 
@@ -101,6 +110,7 @@ class WanAttentionBlock(nn.Module):
         self.norm2 = WanLayerNorm(dim, eps)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.ffn_runner = WholeFFN()  # chosen by WanModel.configure(): whole, or over token chunks
 
     def forward(self, x, e, seq_lens, rope_table, context, context_lens=None):
         """x [B, L, d]; e [B, L|1, 6, d] fp32 (per token, or per sample with the fast time embedding)."""
@@ -115,7 +125,7 @@ class WanAttentionBlock(nn.Module):
         # 2. cross-attention: no modulation, no gate
         x = x + self.cross_attn(self.norm3(x), context, context_lens)
         # 3. feed-forward, modulated and gated
-        y = self.ffn(self.norm2(x).float() * (1 + e[4]) + e[3])
+        y = self.ffn_runner(self.ffn, self.norm2(x).float() * (1 + e[4]) + e[3])
         with fp32_region(x.device.type):
             x = x + y * e[5]
         return x
@@ -178,11 +188,21 @@ class WanModel(nn.Module):
 
     # ---- per-call kernels and the load-time layout ------------------------------------------------------------
     def configure(self, attention: AttentionBackend | None = None, fast_rope: bool = False,
-                  fast_time_embedding: bool = False) -> "WanModel":
-        """Pick the attention backend, the RoPE form and the time-embedding form for every block."""
+                  fast_time_embedding: bool = False, qk_rope: FusedQKRope | None = None,
+                  ffn_chunks: int = 0) -> "WanModel":
+        """Pick the attention backend, the RoPE form and the time-embedding form for every block; `qk_rope` (a
+        `wan.modules.qk_rope.FusedQKRope`, needs fast_rope) fuses the self-attention's q/k norm and RoPE;
+        `ffn_chunks` >= 2 runs each FFN over that many token chunks (wan/modules/ffn.py)."""
+        if qk_rope is not None and not (fast_rope and self.qk_norm):
+            raise ValueError("the fused q/k RMSNorm + RoPE applies the fast RoPE's cos/sin tables after the q/k norm: "
+                             "it needs fast_rope=True (--fast_rope) and a model with qk_norm")
+        self.qk_rope = qk_rope
         self.rope = (FastRope if fast_rope else ReferenceRope)(self.dim // self.num_heads)
         self.fast_time_embedding = fast_time_embedding
         self.attention = attention or DEFAULT_ATTENTION
+        self.ffn_runner = ffn_runner(ffn_chunks)
+        for block in self.blocks:
+            block.ffn_runner = self.ffn_runner
         self._bind_attention()
         return self
 
@@ -204,6 +224,7 @@ class WanModel(nn.Module):
         for block in self.blocks:
             block.self_attn.attention, block.cross_attn.attention = self_attention, self.attention
             block.self_attn.rope = block.cross_attn.rope = self.rope
+            block.self_attn.qk_rope = self.qk_rope
 
     # ---- forward ---------------------------------------------------------------------------------------------
     def embed(self, x: list, t: torch.Tensor, context: list, seq_len: int):
