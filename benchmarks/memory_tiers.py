@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     p.add_argument("--caps", default="16,24", help="comma-separated GB caps for the streamed rows")
     p.add_argument("--slots", type=int, default=2, help="stream_blocks of the streamed rows")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--ffn_chunks", type=int, default=0,
+                   help="also a streamed row under the smallest cap with the FFN over this many token chunks")
     p.add_argument("--whole_run", type=float, default=0, help="GB: also one whole generation under this budget")
     p.add_argument("--deadline", type=float, default=560)
     p.add_argument("--out", default=None)
@@ -38,6 +40,10 @@ def main(argv=None) -> int:
     rows = [("resident (--fast)", dict(FAST_PRESET), 0.0)]
     rows += [(f"block-streamed, {args.slots} slots, {cap} GB cap", {**FAST_PRESET, "stream_blocks": args.slots},
               float(cap)) for cap in args.caps.split(",")]
+    if args.ffn_chunks:
+        cap = min(float(c) for c in args.caps.split(","))
+        rows.append((f"block-streamed, {args.slots} slots, {cap:g} GB cap, FFN in {args.ffn_chunks} token chunks",
+                     {**FAST_PRESET, "stream_blocks": args.slots, "ffn_chunks": args.ffn_chunks}, cap))
     record = {"env": environment(), "res": args.res, "frame_num": args.frame_num, "rows": []}
     for label, opts, cap in rows:
         left = args.deadline - (time.perf_counter() - t0)

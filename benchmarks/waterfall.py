@@ -33,6 +33,7 @@ WATERFALL = [
     ("+ tf32", {"tf32": True}),
     ("+ compile (= --fast, cuDNN)", {"compile": True}),
     ("--fast (attention auto: FA3 if installed)", {"attn_backend": "auto"}),
+    ("+ fused_qk_rope (Triton; not in --fast)", {"fused_qk_rope": True}),
 ]
 DERIVED = {"+ offload_model false (experts resident)"}
 STEPS = 40

@@ -120,3 +120,19 @@ def test_copy_overlap_counts_only_block_copies_under_kernels():
     ov = copy_overlap(events)  # the 100 us upload is not a block copy; memsets and copies are not compute
     assert ov["block_copies"] == 2 and ov["copy_ms"] == [4.0, 2.0] and ov["covered_fraction"] == 2000 / 6000
     assert copy_overlap([])["covered_fraction"] is None
+
+
+def test_memory_tiers_tiny_cpu(tmp_path, capsys):
+    """The tier rows run end to end on the CPU (no cap there: the streaming machinery with synchronous copies):
+    resident, streamed, and streamed with the FFN in token chunks, all timed and labelled."""
+    from benchmarks import memory_tiers
+
+    out = tmp_path / "tiers.json"
+    code = memory_tiers.main(["--res", "tiny", "--frame_num", "5", "--caps", "8", "--ffn_chunks", "2", "--steps",
+                              "2", "--out", str(out), "--deadline", "300"])
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["options"].get("stream_blocks", 0) for r in rows] == [0, 2, 2], rows
+    assert all("error" not in r and r["per_forward_s"] > 0 for r in rows), rows
+    assert rows[2]["options"]["ffn_chunks"] == 2 and rows[2]["backends"]["ffn"] == "2 token chunks"
+    assert "FFN in 2 token chunks" in capsys.readouterr().out
