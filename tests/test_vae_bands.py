@@ -9,7 +9,7 @@ import torch
 
 import wan.modules.vae as vae_module
 from wan.modules.vae import WAN21_VAE_MEAN, WAN21_VAE_STD, Wan2_1_VAE
-from wan.modules.vae_bands import _band_plan, decode_banded, halo_rows
+from wan.modules.vae_bands import DEFAULT_BAND_SPLIT, _band_plan, decode_banded, halo_rows
 from wan.testing.tiny_vae import write_tiny_vae_checkpoint
 
 SPLITS = [0, 1, 2, 3]
@@ -141,3 +141,53 @@ def test_wrapper_routes_by_decode_bands(ckpt, vae32, monkeypatch):
     assert calls == [3] and banded.shape == ref.shape and max_err(banded, ref) <= FP32_TOL
     with pytest.raises(ValueError, match="decode_bands"):
         Wan2_1_VAE(vae_pth=ckpt, device="cpu", decode_bands=-1)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_band_order_equals_whole_fp32(vae32, ref32, split):
+    # same tolerance as the frame order: band-shaped convs (measured: bit for bit for 2 bands and split 3, else
+    # <= 1.3e-6); the crops and the frame-at-a-time tail change only the shapes, not the values
+    z, ref = ref32
+    for bands in (2, 3, 5):
+        out = decode_banded(vae32.model, z, bands, split, order="band")
+        assert out.shape == ref.shape and out.dtype == torch.float32
+        assert max_err(out, ref) <= FP32_TOL, (split, bands)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_band_order_equals_whole_bf16(vae16, split):
+    z = latent().bfloat16()  # tolerance as in test_banded_equals_whole_bf16
+    ref = whole(vae16.model, z)
+    out = decode_banded(vae16.model, z, 3, split, order="band")
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert max_err(out, ref) <= 1 / 64
+
+
+def test_band_order_default_split_single_frame_and_clamped_bands(vae32):
+    z = latent(t=1, seed=2)  # one latent frame: only the first-chunk path
+    ref = whole(vae32.model, z)
+    out = decode_banded(vae32.model, z, 4, order="band")  # split None -> DEFAULT_BAND_SPLIT
+    assert DEFAULT_BAND_SPLIT == 0 and out.shape == ref.shape == (1, 3, 1, 320, 8)
+    assert max_err(out, ref) <= FP32_TOL
+    assert torch.equal(out, decode_banded(vae32.model, z, 4, DEFAULT_BAND_SPLIT, order="band"))
+
+    z = latent(t=2, h=6, seed=1)  # 6 rows at split 0: 50 bands -> 6 of one row each
+    assert max_err(decode_banded(vae32.model, z, 50, split=0, order="band"), whole(vae32.model, z)) <= FP32_TOL
+
+
+def test_band_order_more_frames_and_columns(vae32):
+    z = latent(t=5, h=24, w=5, seed=4)  # 17 frames, 40 columns: steady-state caches, real 2-D convs
+    ref = whole(vae32.model, z)
+    assert torch.equal(decode_banded(vae32.model, z, 1, 0, order="band"), ref)  # one band: same shapes, bit for bit
+    for split, bands in ((0, 4), (1, 7)):
+        assert max_err(decode_banded(vae32.model, z, bands, split, order="band"), ref) <= FP32_TOL
+
+
+def test_band_order_halo_matters(vae32, ref32):
+    z, ref = ref32
+    assert max_err(decode_banded(vae32.model, z, 2, 0, halo=0, order="band"), ref) > 1e-2  # no halo: a seam
+
+
+def test_bad_order(vae32):
+    with pytest.raises(ValueError, match="order"):
+        decode_banded(vae32.model, latent(t=1), 2, order="rows")

@@ -23,11 +23,49 @@ Choice of the default split, at 1280x720 (latent 90x160), fp32, per latent frame
     2      360   10     17%         39%                             13.4 GiB    14.1 GiB
     3      720    7      6%         14%                             14.5 GiB    14.9 GiB
 
-Peaks: live tensor bytes of the whole decode run on the meta device (a dispatch mode summing storages; no allocator
-slack, no conv workspaces). Split 2 with 4 bands is lowest, at 17% extra rows in the banded stages: the default
-(bf16: 7.3 GiB against 9.1 GiB whole). Split 3 keeps up_blocks[2]'s full-resolution upsample whole; split 1 pays its
-large halo in the caches too. The floor is the causal caches, 8.1 GiB in all (fp32, 720p): each band keeps its own
-across frames, so banding does not shrink them (they grow by the halo overhead, which is why 8 bands peak higher).
+Peaks: live tensor bytes of the whole decode run on the meta device (benchmarks/vae_memory.py: a dispatch mode summing
+live storages; no weights, no allocator slack, no conv workspaces). In order="frame" (the default) split 2 with 4
+bands is lowest, at 17% extra rows in the banded stages: its default split (bf16: 7.3 GiB against 9.1 GiB whole).
+Split 3 keeps up_blocks[2]'s full-resolution upsample whole; split 1 pays its large halo in the caches too. The floor
+is the causal caches, 8.1 GiB in all (fp32, 720p): each band keeps its own across frames and all bands are live at
+once, so banding does not shrink them (they grow by the halo overhead, which is why 8 bands peak higher).
+
+order="band" removes that floor: the trunk runs once over all latent frames (its own caches, freed after), its
+outputs are kept, then each band runs all frames with only its own caches alive, freed before the next band. Two more
+exact savings inside a band (_band_frames): each block's input is cropped to the rows the rest of the decoder still
+needs, so the split's halo is not carried to full resolution (extra rows per block at split 0, 4 bands: 87%, 40%,
+17%, 6%, against 87% everywhere in frame order); and the blocks after the last temporal upsample run one output frame
+at a time, so their full-resolution working set is one frame, not four.
+
+Keep or recompute the trunk (fp32, 720p x 81 frames; live counts):
+
+    split  trunk work (of the decode)  its outputs, all frames  its caches  4 bands, recomputed per band
+    0       2.6%                        0.43 GiB                 0.17 GiB    +7.8% work, its caches live in every band
+    1       5.5%                        1.69 GiB                 0.45 GiB    +16.5%
+    2      26.2%                       13.35 GiB                 1.53 GiB    +79%
+
+Kept: at split 0 the outputs cost 0.43 GiB, against 0.17 GiB of caches plus the attention if recomputed at 3 more
+trunk runs; split 2 is out either way (13 GiB kept, or +79% work). Band order, 1280x720x81, live-tensor counts
+(NOT measured GPU peaks; whole-frame decode 17.57 GiB fp32, 9.12 GiB bf16; work: conv + attention multiply-adds
+over the whole decode's, i.e. the extra rows computed):
+
+    order  split  bands   peak fp32   peak bf16   extra work
+    frame  2      4       13.38 GiB    7.32 GiB   12%          (the frame-order default)
+    band   0      2        7.73 GiB    4.04 GiB    6%
+    band   0      4        5.03 GiB    2.77 GiB   19%          (recommended default)
+    band   0      6        3.94 GiB    2.21 GiB   32%
+    band   0      8        3.53 GiB    2.01 GiB   45%
+    band   1      2        8.80 GiB    4.54 GiB    6%
+    band   1      4        6.07 GiB    3.26 GiB   17%
+    band   1      8        4.60 GiB    2.52 GiB   39%
+    band   2      4       17.64 GiB    9.81 GiB    9%          (13.35 GiB of kept trunk outputs)
+
+What is left at the band-order peak (split 0, 4 bands, fp32, inside up_blocks[3]): the output video 0.83 GiB, the kept
+trunk outputs 0.43, the band's caches 2.46 (the other bands' are freed), its working set 1.31. Split 0 beats split 1
+(smaller kept outputs, and cropping makes its larger split halo cost only in up_blocks[0], 2.6% of the work).
+Recommended for the memory plan: order "band", split 0, 4 bands: 0.29 (fp32) / 0.30 (bf16) of the whole-frame peak
+at +19% decode work; 6 bands (0.22 / 0.24, +32%) where 4 do not fit, e.g. fp32 under a 6 GB decode budget once GPU
+workspaces and slack are added.
 """
 from __future__ import annotations
 
@@ -36,9 +74,11 @@ import math
 import torch
 import torch.nn as nn
 
-__all__ = ["DEFAULT_SPLIT", "halo_rows", "decode_banded"]
+__all__ = ["DEFAULT_SPLIT", "DEFAULT_BAND_SPLIT", "halo_rows", "decode_banded"]
 
-DEFAULT_SPLIT = 2
+DEFAULT_SPLIT = 2  # order "frame"
+DEFAULT_BAND_SPLIT = 0  # order "band"
+DEFAULT_SPLIT_BY_ORDER = {"frame": DEFAULT_SPLIT, "band": DEFAULT_BAND_SPLIT}
 CACHE_T = 2  # frames a causal conv caches for the next chunk (diffusers' CACHE_T)
 
 
@@ -128,9 +168,57 @@ def _run_band(decoder: nn.Module, x: torch.Tensor, cache: list, split: int, firs
     return _cached_causal_conv(decoder.conv_out, x, cache, idx)
 
 
-def _check_supported(vae_model: nn.Module, split: int, bands: int) -> None:
+def _crop(x: torch.Tensor, lo: int, hi: int, keep0: int, keep1: int, halo: int) -> tuple[torch.Tensor, int, int]:
+    """x holds rows [lo, hi); cut it (a view) to kept rows [keep0, keep1) +- halo. Returns (x, lo, hi)."""
+    a, b = max(lo, keep0 - halo), min(hi, keep1 + halo)
+    return x[:, :, :, a - lo:b - lo], a, b
+
+
+def _band_frames(decoder: nn.Module, x: torch.Tensor, cache: list, split: int, first: bool,
+                 rows: tuple[int, int, int, int], halos: list[int]):
+    """One band of one latent frame, band order: yields ([1, 3, 1, r, W] video rows, first row) per output frame.
+
+    rows: (kept start, kept stop, x's first row, x's stop) at up_blocks[split]'s input resolution. Two savings over
+    _run_band, both exact:
+    - crop: before up_blocks[k] (k > split) x is cut to kept +- halos[k]. Those rows are still exact (the band's
+      halo at the split covers them, see halo_rows) and later layers read no others, so the band computes and caches
+      only what each block needs (4 bands, split 0, 720p: rows computed / kept - 1 is 87%, 40%, 17%, 6% in
+      up_blocks[0..3], not 87% in all).
+    - time: blocks after the last temporal upsample mix frames only through their causal caches, so they run one
+      output frame at a time (each conv then sees cache + 1 frame, as diffusers does for a 1-frame chunk): the
+      full-resolution working set is one frame, not four.
+    """
+    keep0, keep1, lo, hi = rows
+    blocks = decoder.up_blocks
+    tail = 1 + max((k for k, b in enumerate(blocks) if b.upsamplers is not None and b.upsamplers[0].mode ==
+                    "upsample3d"), default=-1)  # first block that mixes no frames itself
+    tail = max(tail, split)
+
+    def run(x, k, keep0, keep1, lo, hi, idx):
+        if k > split:
+            x, lo, hi = _crop(x, lo, hi, keep0, keep1, halos[k])
+        x = blocks[k](x, feat_cache=cache, feat_idx=idx, first_chunk=first)
+        s = _upsample_parts(blocks[k])[0] if blocks[k].upsamplers is not None else 1
+        return x, keep0 * s, keep1 * s, lo * s, hi * s
+
+    idx = [0]
+    for k in range(split, tail):  # [1, C, t, r, w] -> [1, C', t', r', w'], t' = 2t in a temporal upsample
+        x, keep0, keep1, lo, hi = run(x, k, keep0, keep1, lo, hi, idx)
+    tail_idx = idx[0]
+    for j in range(x.shape[2]):
+        idx[0] = tail_idx  # every frame runs the same convs, each with its own cache entry
+        y, k0, k1, y0, y1 = x[:, :, j:j + 1], keep0, keep1, lo, hi
+        for k in range(tail, len(blocks)):
+            y, k0, k1, y0, y1 = run(y, k, k0, k1, y0, y1, idx)
+        y = decoder.nonlinearity(decoder.norm_out(y))
+        yield _cached_causal_conv(decoder.conv_out, y, cache, idx), y0
+
+
+def _check_supported(vae_model: nn.Module, split: int, bands: int, order: str = "frame") -> None:
     if bands < 1:
         raise ValueError(f"decode_banded needs bands >= 1, got {bands}")
+    if order not in ("frame", "band"):
+        raise ValueError(f"decode_banded order must be 'frame' or 'band', got {order!r}")
     if vae_model.config.is_residual or vae_model.config.patch_size is not None:
         raise ValueError("decode_banded supports the Wan 2.1 VAE only (is_residual=False, no patch_size)")
     if not 0 <= split < len(vae_model.decoder.up_blocks):
@@ -138,14 +226,18 @@ def _check_supported(vae_model: nn.Module, split: int, bands: int) -> None:
 
 
 @torch.no_grad()
-def decode_banded(vae_model: nn.Module, z: torch.Tensor, bands: int, split: int = DEFAULT_SPLIT,
-                  halo: int | None = None) -> torch.Tensor:
+def decode_banded(vae_model: nn.Module, z: torch.Tensor, bands: int, split: int | None = None,
+                  halo: int | None = None, order: str = "frame") -> torch.Tensor:
     """`vae_model.decode(z).sample` of a Wan 2.1 AutoencoderKLWan, decoded in `bands` bands of rows.
 
     z: un-normalised latent [1, z_dim, T, h, w] in the model's dtype -> video [1, 3, 1 + 4(T - 1), 8h, 8w] clamped to
     [-1, 1]. Rows are banded from up_blocks[split] on, each band read with `halo` extra rows (default: halo_rows).
+    order "frame": per latent frame, the trunk then every band (all bands' caches live; split default 2).
+    order "band": the trunk over all frames first (its outputs kept), then per band all frames, only that band's
+    caches live, each block's input cropped to the rows still needed (split default 0). See the module docstring.
     """
-    _check_supported(vae_model, split, bands)
+    split = DEFAULT_SPLIT_BY_ORDER.get(order, DEFAULT_SPLIT) if split is None else split
+    _check_supported(vae_model, split, bands, order)
     decoder = vae_model.decoder
     halo = halo_rows(decoder, split) if halo is None else halo
     _, _, n_latent, h, w = z.shape
@@ -159,6 +251,8 @@ def decode_banded(vae_model: nn.Module, z: torch.Tensor, bands: int, split: int 
     x = vae_model.post_quant_conv(z)  # 1x1x1 conv, no cache: all frames at once, as diffusers (latent-sized)
     trunk_cache = [None] * _cache_slots(decoder.conv_in, decoder.mid_block, *decoder.up_blocks[:split])
     band_slots = _cache_slots(*decoder.up_blocks[split:], decoder.conv_out)
+    if order == "band":
+        return _decode_band_major(decoder, x, trunk_cache, band_slots, plan, split, rows, out)
     band_caches = [[None] * band_slots for _ in plan]
     t0 = 0  # first output frame of the current latent frame
     for i in range(n_latent):
@@ -171,4 +265,26 @@ def decode_banded(vae_model: nn.Module, z: torch.Tensor, bands: int, split: int 
             out[:, :, t0:t0 + y.shape[2], keep0 * scale:keep1 * scale].copy_(kept).clamp_(-1.0, 1.0)
         t0 += y.shape[2]
         del feats, y  # before the next frame's trunk
+    return out
+
+
+def _decode_band_major(decoder: nn.Module, x: torch.Tensor, trunk_cache: list, band_slots: int, plan: list,
+                       split: int, rows: int, out: torch.Tensor) -> torch.Tensor:
+    """order="band" of decode_banded: x [1, z, T, h, w] after post_quant_conv; fills and returns `out`."""
+    # Trunk once, time-major, keeping its output per latent frame ([1, C, t, rows, cols]; split 0, 720p, fp32: 384 x
+    # 1 x 90 x 160 = 22 MB a frame, 0.46 GB for 81 frames). Recomputing it per band instead would cost (bands - 1)
+    # trunk runs and keep its caches alive in every band (see the module docstring).
+    feats = [_run_trunk(decoder, x[:, :, i:i + 1], trunk_cache, split, i == 0) for i in range(x.shape[2])]
+    del trunk_cache[:], x  # the trunk's caches (the caller's list) go before the first band
+    halos = [halo_rows(decoder, k) for k in range(len(decoder.up_blocks))]
+    scale = out.shape[3] // rows  # output rows per split row
+    for keep0, keep1, in0, in1 in plan:
+        cache = [None] * band_slots  # this band's causal caches only
+        a, b, t = keep0 * scale, keep1 * scale, 0  # kept output rows, output frame
+        for i, f in enumerate(feats):
+            for y, lo in _band_frames(decoder, f[:, :, :, in0:in1], cache, split, i == 0, (keep0, keep1, in0, in1),
+                                      halos):  # y [1, 3, 1, rows y holds, W], its first row lo
+                out[:, :, t:t + 1, a:b].copy_(y[:, :, :, a - lo:b - lo]).clamp_(-1.0, 1.0)
+                t += 1
+        del cache  # freed before the next band's
     return out
