@@ -1,7 +1,8 @@
 """GPU tier for the banded VAE decode: `python -m pytest -m gpu tests/test_gpu_vae.py` (skipped without CUDA).
 
 The official-size Wan 2.1 VAE (base_dim 96) with realistic random weights, built on the GPU: whole-frame diffusers
-decode against `decode_banded` (4 bands, default split), fp32 with TF32 off, recording error, peak memory and time.
+decode against `decode_banded` (4 bands, frame and band order), fp32 with TF32 off, recording error, peak memory and
+time; and the 720p x 81 bf16 decode in band order against whole frames (issue #11's 6 GB decode target).
 """
 import time
 from contextlib import contextmanager
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from wan.modules.vae import build_wan_vae
-from wan.modules.vae_bands import DEFAULT_SPLIT, decode_banded, halo_rows
+from wan.modules.vae_bands import DEFAULT_BAND_SPLIT, DEFAULT_SPLIT, decode_banded, halo_rows
 from wan.testing.random_init import randomize_weights_on_device_
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -42,21 +43,45 @@ def measured(fn):
 
 
 @torch.no_grad()
-def test_banded_decode_official_size_fp32(gpu_record):
+@pytest.mark.parametrize("order", ["frame", "band"])
+def test_banded_decode_official_size_fp32(order, gpu_record):
     model = randomize_weights_on_device_(build_wan_vae(96, device="cuda").eval(), seed=0).requires_grad_(False)
     z = torch.randn(1, 16, 3, 60, 104, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    split = DEFAULT_SPLIT if order == "frame" else DEFAULT_BAND_SPLIT
     with tf32_off():
         warm = z[:, :, :2, :16, :16]  # CUDA/cuDNN start-up outside the timings
         model.decode(warm)
-        decode_banded(model, warm, 4)
+        decode_banded(model, warm, 4, order=order)
         whole, whole_peak, whole_s = measured(lambda: model.decode(z).sample)
-        banded, banded_peak, banded_s = measured(lambda: decode_banded(model, z, 4))
+        banded, banded_peak, banded_s = measured(lambda: decode_banded(model, z, 4, order=order))
     err = (banded - whole).abs().max().item()
     gib = 2 ** 30
-    gpu_record(shape=list(whole.shape), split=DEFAULT_SPLIT, halo=halo_rows(model.decoder, DEFAULT_SPLIT),
+    gpu_record(order=order, shape=list(whole.shape), split=split, halo=halo_rows(model.decoder, split),
                max_abs=err, bit_exact=torch.equal(banded, whole), whole_peak_gib=round(whole_peak / gib, 3),
                banded_peak_gib=round(banded_peak / gib, 3), whole_s=round(whole_s, 3), banded_s=round(banded_s, 3))
     assert whole.shape == banded.shape == (1, 3, 9, 480, 832)
     assert whole.std() > 0.05  # a real picture, not a constant
     assert err <= 1e-4
     assert banded_peak < whole_peak
+
+
+@torch.no_grad()
+def test_band_order_decode_720p_bf16(gpu_record):
+    """The product's --vae_bands 4 at 1280x720x81 in bf16 (--vae_dtype bf16): peak at most 6 GB above the weights
+    (issue #11; a live-tensor count says 2.8 GiB), the whole-frame video within bf16 rounding, both timed."""
+    model = build_wan_vae(96, device="cuda").eval()
+    model = randomize_weights_on_device_(model, seed=0).to(torch.bfloat16).requires_grad_(False)
+    z = torch.randn(1, 16, 21, 90, 160, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    z = z.to(torch.bfloat16)
+    warm = z[:, :, :2, :16, :16]
+    model.decode(warm)
+    decode_banded(model, warm, 4, order="band")
+    banded, banded_peak, banded_s = measured(lambda: decode_banded(model, z, 4, order="band"))
+    whole, whole_peak, whole_s = measured(lambda: model.decode(z).sample.clamp_(-1, 1))
+    d = (banded.float() - whole.float()).abs()
+    psnr = (10 * torch.log10(4 / d.pow(2).mean())).item()  # range [-1, 1]
+    gpu_record(whole_peak_gb=whole_peak / 1e9, banded_peak_gb=banded_peak / 1e9, whole_s=whole_s, banded_s=banded_s,
+               max_abs=d.max().item(), psnr_db=psnr)
+    assert banded.shape == whole.shape == (1, 3, 81, 720, 1280)
+    assert banded_peak <= 6e9 and banded_peak < whole_peak, (banded_peak, whole_peak)
+    assert psnr > 40, psnr

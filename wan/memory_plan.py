@@ -23,11 +23,11 @@ log = logging.getLogger("wan")
 
 ACTIVATION_BYTES_PER_TOKEN = 84e3
 VAE_BYTES_PER_PIXEL = {"fp32": 300.0, "bf16": 150.0}
-# Banded decode (wan/modules/vae_bands.py, 4 bands of rows): its peak over the whole-frame peak. The causal caches
-# (8.1 GiB at 720p fp32) stay whole, so banding saves only the working set: 13.4 / 17.6 GiB (fp32) and 7.3 / 9.1
-# (bf16), live-tensor counts of the 720p decode.
+# Banded decode (wan/modules/vae_bands.py, 4 bands of rows, band by band: only one band's causal caches alive): its
+# peak over the whole-frame peak, from live-tensor counts of the 720p x 81 decode (benchmarks/vae_memory.py: 5.03 /
+# 17.57 GiB fp32, 2.77 / 9.12 bf16; not yet measured on a GPU), rounded up.
 VAE_BANDS = 4
-VAE_BANDED_FRACTION = {"fp32": 0.77, "bf16": 0.81}
+VAE_BANDED_FRACTION = {"fp32": 0.30, "bf16": 0.31}
 HEADROOM = 1.05  # allocator fragmentation on top of the estimate
 
 

@@ -73,7 +73,8 @@ def _fit_problems(sd, ref):
 
 class Wan2_1_VAE:
     """Reference-compatible wrapper: `model` (diffusers AutoencoderKLWan), `scale` = [mean, 1/std], `dtype`.
-    decode_bands > 1 decodes in that many bands of rows (`vae_bands.decode_banded`: exact, lower peak memory)."""
+    decode_bands > 1 decodes in that many bands of rows, band by band (`vae_bands.decode_banded` with order
+    "band": the same video within summation order, a much lower peak memory, +19% decode work at 4 bands)."""
 
     def __init__(self, z_dim=16, vae_pth="cache/vae_step_411000.pth", dtype=torch.float, device="cuda",
                  decode_bands: int = 0):
@@ -143,7 +144,7 @@ class Wan2_1_VAE:
                 z = z / self._view(self.scale[1]) + self._view(self.scale[0])  # = z*std + mean
                 z = z.to(self.dtype).unsqueeze(0)
                 if self.decode_bands > 1:
-                    x = decode_banded(self.model, z, self.decode_bands)[0]
+                    x = decode_banded(self.model, z, self.decode_bands, order="band")[0]
                 else:
                     x = self.model.decode(z).sample[0]
                 out.append(x.float().clamp_(-1, 1))
