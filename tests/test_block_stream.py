@@ -63,6 +63,23 @@ def test_one_expert_serving_both_noise_levels_is_streamed_once(tiny_ckpt, reside
     run(p)
 
 
+def test_t5_is_streamed_by_layers_and_its_ring_given_back(tiny_ckpt):
+    """Streamed, T5's blocks go through their own 2-slot ring (the embedding looked up on the host): the same
+    embeddings as the resident placement's, the ring freed after each encode and allocated again for the next."""
+    ref = pipe(tiny_ckpt)
+    p = pipe(tiny_ckpt, stream_blocks=2)
+    ring = p.placement.t5_streamer
+    assert "T5 in host memory streamed by layers through 2 device slots" in p.placement.describe()
+    for i in range(2):
+        out = p.placement.encode([PROMPT, "two dogs"])
+        want = ref.placement.encode([PROMPT, "two dogs"])
+        assert all(torch.equal(a, b) for a, b in zip(out, want)) and out[0].abs().mean() > 0
+        assert ring.slots is None and ring.copies >= 2 * (i + 1)
+    names = {n for n, _ in p.text_encoder.model.named_parameters()}
+    assert names == {n for n, _ in ref.text_encoder.model.named_parameters()}
+    assert pipe(tiny_ckpt, stream_blocks=2, t5_cpu=True).placement.t5_streamer is None
+
+
 def test_streamer_prefetches_in_program_order():
     model = build_tiny_dit(1)
     ref = build_tiny_dit(1)

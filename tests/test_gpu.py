@@ -95,6 +95,8 @@ def test_block_streamed_equals_resident_on_gpu(tiny_ckpt, gpu_record):
     gpu_record(copies=p.placement.streamer.copies, on_demand=p.placement.streamer.on_demand,
                max_abs_latent=(a[1] - b[1]).abs().max().item())
     assert all(t.is_pinned() for t in blocks[0].parameters()) and p.high_noise_model.head.head.weight.is_cuda
+    t5 = p.text_encoder.model.encoder  # streamed by layers too: pinned blocks, the ring given back after encoding
+    assert all(t.is_pinned() for t in t5.block[0].parameters()) and p.placement.t5_streamer.slots is None
     assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
 
 

@@ -57,14 +57,9 @@ class BlockStreamer:
                 view.copy_(p.data)
                 p.data = view
             host.append(flat)
-        if self.slots is None:
+        if self.layout is None:
             self.n, self.layout = min(self.n, len(blocks)), layout
-            self.slots = [torch.empty(layout[-1], dtype=torch.uint8, device=self.device) for _ in range(self.n)]
-            self.slot_views = [_views(flat, layout) for flat in self.slots]
-            self.held = [None] * self.n
-            if self.cuda:
-                self.ready = [torch.cuda.Event() for _ in range(self.n)]
-                self.free = [torch.cuda.Event() for _ in range(self.n)]
+            self._allocate()
         elif layout != self.layout:
             raise ValueError("block streaming: every streamed model must have blocks of the same shapes")
         self.host[mid] = host
@@ -75,6 +70,23 @@ class BlockStreamer:
 
     def slot_bytes(self) -> int:
         return sum(flat.numel() for flat in (self.slots or []))
+
+    def _allocate(self) -> None:
+        self.slots = [torch.empty(self.layout[-1], dtype=torch.uint8, device=self.device) for _ in range(self.n)]
+        self.slot_views = [_views(flat, self.layout) for flat in self.slots]
+        self.held = [None] * self.n
+        if self.cuda:
+            self.ready = [torch.cuda.Event() for _ in range(self.n)]
+            self.free = [torch.cuda.Event() for _ in range(self.n)]
+
+    def release(self) -> None:
+        """Give the device slots back (after the side stream's copies finish); the host copies stay, and the next
+        block call allocates the slots again (for a model run once in a while, e.g. the text encoder)."""
+        if self.slots is None:
+            return
+        if self.cuda:
+            self.stream.synchronize()  # no copy may still write into a slot that the allocator hands out again
+        self.slots, self.slot_views, self.held, self.where = None, [], [], {}
 
     # ---- the ring ------------------------------------------------------------------------------------------
     def _issue(self, key: tuple[int, int], s: int) -> None:
@@ -95,6 +107,8 @@ class BlockStreamer:
 
     def _pre(self, mid: int, i: int):
         def hook(block, args):
+            if self.slots is None:  # released since the last call
+                self._allocate()
             key = (mid, i)
             s = self.where.get(key)
             if s is None:  # not prefetched (first use, or the first blocks after the expert switch)

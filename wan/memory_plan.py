@@ -28,6 +28,9 @@ VAE_BYTES_PER_PIXEL = {"fp32": 300.0, "bf16": 150.0}
 # 17.57 GiB fp32, 2.77 / 9.12 bf16; not yet measured on a GPU), rounded up.
 VAE_BANDS = 4
 VAE_BANDED_FRACTION = {"fp32": 0.30, "bf16": 0.31}
+# Block streaming also streams T5 by layers (wan/placement.py): 2 slots of one of umt5-xxl's 24 equal blocks, which
+# hold 81.6% of its weights (the token embedding, 256,384 x 4,096, stays on the host): 2 x 0.816 / 24 of T5's bytes.
+T5_STREAMED_FRACTION = 2 * 0.816 / 24
 HEADROOM = 1.05  # allocator fragmentation on top of the estimate
 
 
@@ -73,9 +76,9 @@ def estimate(placement: str, arch, tokens: int, batch: int, pixels: int, bytes_p
         phases = {"text": base + t5, "denoise": base + act, "decode": base + vae}
     elif placement == "offload":  # experts move down before the decode; T5 encodes alone
         phases = {"text": t5, "denoise": expert + act, "decode": vae}
-    elif placement == "stream":
+    elif placement == "stream":  # T5 streamed by layers too
         base = 2 * rest + slots * block
-        phases = {"text": base + t5, "denoise": base + act, "decode": base + vae}
+        phases = {"text": base + t5 * T5_STREAMED_FRACTION, "denoise": base + act, "decode": base + vae}
     else:
         raise ValueError(f"unknown placement {placement!r}")
     phases = {k: v * HEADROOM / 1e9 for k, v in phases.items()}
@@ -131,8 +134,9 @@ def choose(budget_gb: float, **kw) -> MemoryPlan:
         if plan.peak_gb <= budget_gb:
             return plan
     smallest = min(plans, key=lambda p: p.peak_gb)
-    hint = "" if kw.get("t5_cpu") else ", or --t5_cpu"
-    if kw.get("vae_dtype") == "fp32":
+    peak = max(smallest.phases, key=smallest.phases.get)  # a switch helps only if it lowers the peak phase
+    hint = ", or --t5_cpu" if peak == "text" and not kw.get("t5_cpu") else ""
+    if kw.get("vae_dtype") == "fp32" and peak == "decode":
         hint += ", or --vae_dtype bf16"
     raise MemoryPlanError(f"--max_gpu_memory {budget_gb:g} GB is too small for this run even with block streaming "
                      f"(expected {smallest.describe()}); allow at least {smallest.peak_gb:.1f} GB{hint}, or a smaller "
