@@ -317,12 +317,12 @@ def validate_args(args) -> None:
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     check_parallel_layout(args.options, world, cfg.arch.num_heads)
-    _check_fp8_device(args.options, args.device)
+    _check_device_kernels(args.options, args.device)
 
 
-def _check_fp8_device(options, device_arg: str | None) -> None:
-    """fp8 switches on a device without fp8 kernels: refused here, before the tiny checkpoint or any model loads
-    (the pipeline refuses too; a CUDA GPU's capability and FA3 are checked there)."""
+def _check_device_kernels(options, device_arg: str | None) -> None:
+    """fp8 switches and the fused q/k kernel where they cannot run: refused here, before the tiny checkpoint or any
+    model loads (the pipeline refuses too; a CUDA GPU's capability, FA3 and triton are checked there)."""
     import torch
 
     from .modules.fp8 import Fp8UnavailableError, check_fp8_support
@@ -336,6 +336,10 @@ def _check_fp8_device(options, device_arg: str | None) -> None:
     if options.attn_backend == "flash3_fp8" and device.type != "cuda":
         raise UsageError("attention backend flash3_fp8 needs a Hopper GPU (FA3's fp8 kernels are sm90 only); use "
                          "--attn_backend sdpa on the CPU")
+    if options.fused_qk_rope and not options.fast_rope:
+        raise UsageError("--fused_qk_rope applies the fast RoPE's cos/sin tables: add --fast_rope (or --fast)")
+    if options.fused_qk_rope and device.type != "cuda":
+        raise UsageError(f"--fused_qk_rope is a Triton kernel for CUDA GPUs and cannot run on {device}; leave it off")
 
 
 def _check_prompts(args) -> None:
