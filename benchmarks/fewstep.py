@@ -81,11 +81,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def args_rank(record: dict) -> str:
-    few = record.get("fewstep") or {}
-    return str(few.get("lora_rank", "?"))
-
-
 def parse_variant(text: str) -> tuple[str, dict]:
     """'NAME={"option": value, ...}' -> (NAME, overrides)."""
     name, sep, js = text.partition("=")
@@ -133,8 +128,8 @@ def markdown(record: dict) -> str:
         lines.append(f"| 40 steps, CFG, --fast | error: {row['error'][-150:]} | | | | |")
     few = record.get("fewstep")
     if few:
-        lines.append(_fewstep_line(f"4 steps, Euler, guidance 1, rank-{args_rank(record)} LoRAs, --fast (measured)",
-                                   few))
+        lines.append(_fewstep_line(f"4 steps, Euler, guidance 1, rank-{few.get('lora_rank', '?')} LoRAs, --fast "
+                                   "(measured)", few))
     for row in record.get("variants", []):
         lines.append(_fewstep_line(f"4 steps, {row['name']}", row))
     st = record.get("stages")

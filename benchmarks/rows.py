@@ -137,34 +137,31 @@ def run_row(args):
             result[f"{key}_mean_abs_diff"] = d.mean().item()
             result[f"{key}_rel_diff"] = (d.norm() / ref[key].norm()).item()
     if args.profile:
-        result["profile"] = profile_forward(pipe, noise, ctx, ctx_null, seq_len, args.profile)
+        result["profile"] = profile_forward(pipe, noise, run, args.profile)
     if args.overlap and device.type == "cuda":
-        result["overlap"] = profile_overlap(pipe, noise, ctx, ctx_null, seq_len)
+        result["overlap"] = profile_overlap(pipe, noise, run)
     return result
 
 
-def profile_overlap(pipe, noise, ctx, ctx_null, seq_len) -> dict:
-    """Copy/compute overlap of block streaming in one steady step (benchmarks.overlap), after the timed steps."""
+def profile_overlap(pipe, noise, run: dict) -> dict:
+    """Copy/compute overlap of block streaming in one steady step of the row (`run`: its sample() arguments),
+    after the timed steps (benchmarks.overlap)."""
     from torch.profiler import ProfilerActivity, profile
 
     from benchmarks.overlap import copy_overlap
 
-    run = dict(context=ctx, context_null=ctx_null, seq_len=seq_len, sample_solver="unipc", sampling_steps=40,
-               shift=12.0, guide=(3.0, 4.0))
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         pipe.sample(noise, max_steps=1, **run)
         sync(noise.device)
     return copy_overlap(prof.events())
 
 
-def profile_forward(pipe, noise, ctx, ctx_null, seq_len, path):
-    """Profiler summary of one steady-state step (the row's own guidance: a batch-2 forward with batched CFG),
+def profile_forward(pipe, noise, run: dict, path):
+    """Profiler summary of one steady-state step of the row (`run`: its sample() arguments, its own guidance),
     after the row's warm-up and timed steps, so nothing compiles or autotunes inside the window."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if noise.is_cuda else [])
-    run = dict(context=ctx, context_null=ctx_null, seq_len=seq_len, sample_solver="unipc", sampling_steps=40,
-               shift=12.0, guide=(3.0, 4.0))
     pipe.sample(noise, max_steps=1, **run)
     sync(noise.device)
     with profile(activities=acts) as prof:

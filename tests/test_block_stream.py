@@ -96,6 +96,20 @@ def test_streamer_prefetches_in_program_order():
     assert set(model.state_dict()) == set(ref.state_dict())
 
 
+def test_non_cyclic_streamer_does_not_prefetch_the_next_pass():
+    """The text encoder's ring (cyclic=False): no copy of block 0 after the last block, as the ring is released."""
+    model = build_tiny_dit(1)
+    streamer = BlockStreamer("cpu", 1, cyclic=False)
+    streamer.add(model)
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(16, 2, 8, 8, generator=g), [torch.randn(5, 4096, generator=g)]
+    with torch.no_grad():
+        for t in (999, 500):
+            model([x], torch.tensor([t]), ctx, 32)
+    # per pass: block 0 on demand, block 1 prefetched by block 0, nothing after block 1
+    assert streamer.on_demand == 2 and streamer.copies == 2 * 2
+
+
 def test_streamed_with_compile_never_recompiles(tiny_ckpt, resident):
     from torch._dynamo.utils import counters
 

@@ -23,10 +23,12 @@ __all__ = ["BlockStreamer"]
 
 
 class BlockStreamer:
-    def __init__(self, device, slots: int):
+    def __init__(self, device, slots: int, cyclic: bool = True):
+        """cyclic: the last blocks prefetch the first ones of the next pass (the denoising loop); False for a model
+        run once in a while (the text encoder), whose ring is released after each pass."""
         if slots < 1:
             raise ValueError(f"block streaming needs at least 1 slot, got {slots}")
-        self.device, self.n = torch.device(device), slots
+        self.device, self.n, self.cyclic = torch.device(device), slots, cyclic
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.host: dict[int, list[torch.Tensor]] = {}  # model id -> per block, its flat host buffer
@@ -67,9 +69,6 @@ class BlockStreamer:
         for i, block in enumerate(blocks):
             self._hooks.append(block.register_forward_pre_hook(self._pre(mid, i)))
             self._hooks.append(block.register_forward_hook(self._post(mid, i)))
-
-    def slot_bytes(self) -> int:
-        return sum(flat.numel() for flat in (self.slots or []))
 
     def _allocate(self) -> None:
         self.slots = [torch.empty(self.layout[-1], dtype=torch.uint8, device=self.device) for _ in range(self.n)]
@@ -128,8 +127,9 @@ class BlockStreamer:
                 p.data = src
             if self.cuda:
                 self.free[s].record(torch.cuda.current_stream(self.device))
-            nxt = (mid, (i + self.n) % len(self.host[mid]))
-            if nxt not in self.where:
+            j, blocks = i + self.n, len(self.host[mid])
+            nxt = (mid, j % blocks)
+            if (self.cyclic or j < blocks) and nxt not in self.where:
                 self._issue(nxt, s)
         return hook
 

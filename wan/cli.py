@@ -336,10 +336,14 @@ def _check_device_kernels(options, device_arg: str | None) -> None:
     if options.attn_backend == "flash3_fp8" and device.type != "cuda":
         raise UsageError("attention backend flash3_fp8 needs a Hopper GPU (FA3's fp8 kernels are sm90 only); use "
                          "--attn_backend sdpa on the CPU")
-    if options.fused_qk_rope and not options.fast_rope:
-        raise UsageError("--fused_qk_rope applies the fast RoPE's cos/sin tables: add --fast_rope (or --fast)")
-    if options.fused_qk_rope and device.type != "cuda":
-        raise UsageError(f"--fused_qk_rope is a Triton kernel for CUDA GPUs and cannot run on {device}; leave it off")
+    if options.fused_qk_rope:
+        from .modules.attention import BackendUnavailableError
+        from .modules.qk_rope import check_request
+
+        try:
+            check_request(options.fast_rope, device)
+        except (ValueError, BackendUnavailableError) as exc:
+            raise UsageError(str(exc)) from exc
 
 
 def _check_prompts(args) -> None:

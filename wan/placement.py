@@ -135,7 +135,7 @@ class BlockStreamed(Placement):
         from .block_stream import BlockStreamer
 
         self.streamer = BlockStreamer(self.device, slots)
-        self.t5_streamer = None if t5_cpu else BlockStreamer(self.device, self.T5_SLOTS)
+        self.t5_streamer = None if t5_cpu else BlockStreamer(self.device, self.T5_SLOTS, cyclic=False)
         self._t5_stack = None
 
     def attach(self, experts, text_encoder):

@@ -29,7 +29,7 @@ from .errors import LoadTimeOptionError
 from .guidance import choose_guidance
 from .modules.attention import resolve_attention
 from .modules.model import WanModel
-from .modules.qk_rope import resolve_qk_rope
+from .modules.qk_rope import check_request, resolve_qk_rope
 from .modules.t5 import T5EncoderModel
 from .modules.vae import VAE_DTYPES, Wan2_1_VAE
 from .options import LOAD_FIELDS, RuntimeOptions
@@ -340,9 +340,8 @@ class WanT2V:
         """options.fused_qk_rope: the Triton kernel (probed), or a one-line error where it cannot run; None if off."""
         if not options.fused_qk_rope:
             return None
-        if not options.fast_rope:
-            raise ValueError("--fused_qk_rope applies the fast RoPE's cos/sin tables: add --fast_rope (or --fast)")
-        return resolve_qk_rope(self.device)
+        check_request(options.fast_rope)
+        return resolve_qk_rope(self.device)  # the device checks, triton, a probe
 
     # ---- generation --------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -24,7 +24,7 @@ import torch
 from .attention import BackendUnavailableError
 from .rope import FastRope
 
-__all__ = ["FusedQKRope", "qk_norm_rope_torch", "resolve_qk_rope", "triton_available"]
+__all__ = ["FusedQKRope", "check_request", "qk_norm_rope_torch", "resolve_qk_rope", "triton_available"]
 
 IMPLS = ("triton", "torch")
 
@@ -70,13 +70,21 @@ def triton_available() -> bool:
     return True
 
 
+def check_request(fast_rope: bool, device=None) -> None:
+    """The cheap checks of --fused_qk_rope (no triton import): ValueError without the fast RoPE, and (with a
+    `device`) BackendUnavailableError off CUDA; each one line naming the fix."""
+    if not fast_rope:
+        raise ValueError("--fused_qk_rope applies the fast RoPE's cos/sin tables: add --fast_rope (or --fast)")
+    if device is not None and torch.device(device).type != "cuda":
+        raise BackendUnavailableError(f"--fused_qk_rope is a Triton kernel for CUDA GPUs and cannot run on {device}; "
+                                      "leave it off")
+
+
 def resolve_qk_rope(device) -> FusedQKRope:
     """The triton form for `device`, probed once; BackendUnavailableError (one line) where it cannot run. No
     fallback to the torch form: that one is for tests."""
     device = torch.device(device)
-    if device.type != "cuda":
-        raise BackendUnavailableError(f"--fused_qk_rope is a Triton kernel for CUDA GPUs and cannot run on {device}; "
-                                      "leave it off")
+    check_request(True, device)
     if not triton_available():
         raise BackendUnavailableError("--fused_qk_rope needs triton, which does not import here (pip install "
                                       "triton, or a CUDA build of torch that ships it); leave it off")
