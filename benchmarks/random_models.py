@@ -12,17 +12,18 @@ import torch
 
 from wan.configs.model_config import A14B, TINY
 from wan.modules.model import WanModel
-from wan.testing.random_init import randomize_weights_on_device_
+from wan.testing.random_init import materialize_random_
 
 RESOLUTIONS = {"480p": (832, 480), "720p": (1280, 720), "tiny": (64, 64)}
 
 
 @torch.no_grad()
 def random_expert(device, dtype: torch.dtype, seed: int = 0, tiny: bool = False) -> WanModel:
-    """One expert on `device` with seeded N(0, 1/fan_in) matrices, drawn in fp32 per tensor, stored in `dtype`."""
+    """One expert on `device` with seeded N(0, 1/fan_in) matrices, drawn in fp32 per tensor, stored in `dtype`
+    (built in `dtype`: never a whole fp32 copy on the device)."""
     with torch.device("meta"):
         model = WanModel.from_config(TINY if tiny else A14B)
-    model = randomize_weights_on_device_(model.to_empty(device=device).to(dtype), seed)
+    model = materialize_random_(model, device, dtype, seed)
     return model.configure().eval().requires_grad_(False)
 
 
@@ -44,7 +45,7 @@ def random_t5(device, tiny: bool = False):
     cfg._attn_implementation = "sdpa"
     with torch.device("meta"):
         model = UMT5EncoderModel(cfg)
-    model = randomize_weights_on_device_(model.to_empty(device=device).to(torch.bfloat16), seed=7)
+    model = materialize_random_(model, device, torch.bfloat16, seed=7)
     model.tie_weights()  # encoder.embed_tokens shares shared.weight
     enc = object.__new__(T5EncoderModel)  # bypass file loading; same __call__
     tok_dir = write_tiny_tokenizer(str(Path(tempfile.mkdtemp()) / "tok"))

@@ -247,7 +247,7 @@ def run_peer(args):
     from diffusers import WanTransformer3DModel
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
-    from wan.testing.random_init import randomize_weights_on_device_
+    from wan.testing.random_init import materialize_random_
 
     device = torch.device(args.device)
     tiny = args.res == "tiny"
@@ -259,8 +259,8 @@ def run_peer(args):
     with torch.device("meta"):
         model = WanTransformer3DModel(**kw)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = model.to_empty(device=device).to(dtype).eval().requires_grad_(False)
-    randomize_weights_on_device_(model, seed=0)
+    model = materialize_random_(model, device, dtype, seed=0, rebuilt_buffers=("rope.",))
+    model.eval().requires_grad_(False)
     with torch.device(device):
         model.rope = WanRotaryPosEmbed(head_dim, (1, 2, 2), 1024)  # real cos/sin tables
     lat, seq_len = geometry(args.res, args.frame_num)

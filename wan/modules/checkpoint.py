@@ -87,11 +87,12 @@ def load_wan_model(cls, checkpoint_dir, subfolder=None, dtype: torch.dtype | Non
     for fname, keys in shards.items():
         with safe_open(folder / fname, framework="pt", device=str(device)) as f:
             part = {}
-            for k in keys:
+            for k in keys:  # one file tensor alive at a time: above the weights kept, at most one fp32 tensor
                 t = f.get_tensor(k)
                 if transform is not None and k in transform.targets:
                     t = transform.apply(k, t.float()).to(dtype or t.dtype)
                 part[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+                del t
         model.load_state_dict(part, strict=False, assign=True)
         del part
     model.configure()  # re-bind the plain (non-module) attributes

@@ -54,3 +54,18 @@ def randomize_weights_on_device_(model: nn.Module, seed: int = 0) -> nn.Module:
     for name, p in model.named_parameters():
         p.copy_(random_tensor(name, p.shape, gen))
     return model
+
+
+@torch.no_grad()
+def materialize_random_(model: nn.Module, device, dtype: torch.dtype, seed: int = 0,
+                        rebuilt_buffers: tuple[str, ...] = ()) -> nn.Module:
+    """A model built on the meta device -> `dtype` storage on `device`, drawn by `randomize_weights_on_device_`.
+
+    The cast happens on meta (free), so the device holds the `dtype` model plus one fp32 tensor being drawn: a bf16
+    A14B expert (28.6 GB) builds on an 80 GB card, where materialising it in fp32 first (57 GB) and casting (+28.6)
+    does not. Same values as drawing the fp32 model and casting it. Buffers are not drawn and `to_empty` leaves
+    them uninitialised: refused unless their names start with one of `rebuilt_buffers` (the caller rebuilds them)."""
+    buffers = [name for name, _ in model.named_buffers() if not any(name.startswith(p) for p in rebuilt_buffers)]
+    if buffers:
+        raise ValueError(f"materialize_random_ leaves buffers uninitialised: {buffers[:3]}")
+    return randomize_weights_on_device_(model.to(dtype).to_empty(device=device), seed)
