@@ -32,6 +32,20 @@ VAE_BANDED_FRACTION = {"fp32": 0.30, "bf16": 0.31}
 # hold 81.6% of its weights (the token embedding, 256,384 x 4,096, stays on the host): 2 x 0.816 / 24 of T5's bytes.
 T5_STREAMED_FRACTION = 2 * 0.816 / 24
 HEADROOM = 1.05  # allocator fragmentation on top of the estimate
+# The budget caps what the allocator reserves, and reserved runs above allocated (the 24 GB row: 14.5 GB allocated,
+# 18.6 reserved, with expandable segments): a plan fits only with this much of the budget left over. Without it an
+# 80 GB H100 (84.5 GB free) took the whole-frame 720p decode at a planned 83.5 GB and 1 GB to spare.
+MARGIN_FRACTION, MARGIN_MIN_GB = 0.05, 1.0
+
+
+def margin_gb(budget_gb: float) -> float:
+    """GB of the budget a plan must leave free: 5% of it, at least 1 GB."""
+    return max(MARGIN_MIN_GB, MARGIN_FRACTION * budget_gb)
+
+
+def smallest_budget(peak_gb: float) -> float:
+    """The smallest budget whose margin leaves `peak_gb` (the inverse of margin_gb), rounded up to 0.1 GB."""
+    return math.ceil(max(peak_gb + MARGIN_MIN_GB, peak_gb / (1 - MARGIN_FRACTION)) * 10) / 10
 
 
 def dit_bytes(arch, bytes_per_param: int, fp8_linear: str = "none") -> tuple[float, float]:
@@ -123,15 +137,15 @@ def fast_budget(options, free_gb: float, **kw) -> tuple[object, str]:
 
 
 def choose(budget_gb: float, **kw) -> MemoryPlan:
-    """The fastest placement that fits `budget_gb`: resident, else block streaming (measured on the H200 at 720p
-    within 0.3% of resident per forward; it also needs less memory than the reference's expert offload, which moves
-    28.6 GB at each switch, so offload is only ever used when asked for). Raises MemoryPlanError (a ValueError, one
-    line) with the smallest budget that would fit."""
+    """The fastest placement that fits `budget_gb` with margin_gb(budget_gb) to spare: resident, else block
+    streaming (measured on the H200 at 720p within 0.3% of resident per forward; it also needs less memory than the
+    reference's expert offload, which moves 28.6 GB at each switch, so offload is only ever used when asked for).
+    Raises MemoryPlanError (a ValueError, one line) with the smallest budget that would fit."""
     explicit = kw.pop("vae_bands", 0)
     bands = [explicit] if explicit else [0, VAE_BANDS]  # explicit bands win
     plans = [estimate(p, **kw, vae_bands=b) for p in ("resident", "stream") for b in bands]
     for plan in plans:
-        if plan.peak_gb <= budget_gb:
+        if plan.peak_gb + margin_gb(budget_gb) <= budget_gb:
             return plan
     smallest = min(plans, key=lambda p: p.peak_gb)
     peak = max(smallest.phases, key=smallest.phases.get)  # a switch helps only if it lowers the peak phase
@@ -139,7 +153,7 @@ def choose(budget_gb: float, **kw) -> MemoryPlan:
     if kw.get("vae_dtype") == "fp32" and peak == "decode":
         hint += ", or --vae_dtype bf16"
     raise MemoryPlanError(f"--max_gpu_memory {budget_gb:g} GB is too small for this run even with block streaming "
-                     f"(expected {smallest.describe()}); allow at least {smallest.peak_gb:.1f} GB{hint}, or a smaller "
+                     f"(expected {smallest.describe()}); allow at least {smallest_budget(smallest.peak_gb):.1f} GB{hint}, or a smaller "
                      "--size / --frame_num")
 
 
