@@ -9,10 +9,11 @@ SIGTERM, then SIGKILL). A row whose estimate does not fit the time left is not s
 be. Each row's result is written the moment it ends, atomically: DIR/<gpu>_<row>.json, the benchmark's own JSON
 (or the pytest report) plus a "backlog" record (argv, code version, GPU, times, exit code, status, output tail).
 
-A row measured "ok" at the same code version on the same GPU model (a result file in DIR or any --done folder) is
-skipped, so two or three calls finish the list. The code version is a hash of the code's bytes (wan/, benchmarks/
-without results/, tests/, generate.py): the same on a copied tree without .git (the GPU machine), unchanged when
-only results or documents are committed, and different for any code change, committed or not.
+A row measured "ok" with the same command at the same code version on the same GPU model (a result file in DIR or
+any --done folder) is skipped, so two or three calls finish the list. The code version is a hash of the code's bytes
+(wan/, benchmarks/ without results/ and this tool, tests/, generate.py): the same on a copied tree without .git (the
+GPU machine), unchanged when only results, documents or the backlog's estimates change, and different for any code
+change, committed or not.
 `--list` prints the plan (what would run, what is done, what does not fit) and runs nothing; it works on a CPU.
 """
 from __future__ import annotations
@@ -44,7 +45,8 @@ WRAP_UP_S = 20  # a row's own --deadline ends this much before the backlog's: ti
 STOP = ((signal.SIGINT, 10.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0))  # (signal, seconds to wait after it)
 TAIL_CHARS = 3000
 CODE_PATHS = ("wan", "benchmarks", "tests", "generate.py")
-NOT_CODE = ("benchmarks/results",)
+# results, and this tool (its estimates and table): a row's own command is compared separately (Row.command)
+NOT_CODE = ("benchmarks/results", "benchmarks/backlog.py", "tests/test_backlog.py")
 IGNORED_DIRS = {"__pycache__", "build"}  # and hidden folders, *.egg-info (as .gitignore)
 IGNORED_SUFFIXES = (".pyc", ".mp4")
 
@@ -58,6 +60,10 @@ class Row:
     gpus: tuple[str, ...] = ()  # GPU slugs (gpu_slug) it is for; () = any
     env: tuple[tuple[str, str], ...] = ()  # extra environment variables (placeholders allowed)
     key: Callable[[dict], str] | None = None  # the row's headline numbers from its record (for the summary)
+
+    def command(self) -> list[str]:
+        """What the row runs, as recorded: a result counts as this row's only while this stays the same."""
+        return [*self.argv, *(f"{k}={v}" for k, v in self.env)]
 
 
 def _whole_run_key(r: dict) -> str:
@@ -173,7 +179,8 @@ def code_files(root: Path = ROOT) -> list[Path]:
             rel = Path(folder).relative_to(root).as_posix()
             dirs[:] = [d for d in dirs if not (d.startswith(".") or d in IGNORED_DIRS or d.endswith(".egg-info")
                                                or f"{rel}/{d}" in NOT_CODE)]
-            files += [Path(folder) / n for n in names if not n.startswith(".") and not n.endswith(IGNORED_SUFFIXES)]
+            files += [Path(folder) / n for n in names if not (n.startswith(".") or n.endswith(IGNORED_SUFFIXES)
+                                                                or f"{rel}/{n}" in NOT_CODE)]
     return sorted(files, key=lambda f: f.relative_to(root).as_posix())
 
 
@@ -187,8 +194,10 @@ def code_version(root: Path = ROOT) -> str:
     return "code-" + h.hexdigest()[:12]
 
 
-def find_done(folders: list[Path], slug: str, version: str) -> dict[str, Path]:
-    """Row name -> a result file (in any of `folders`) that measured it ok at `version` on a `slug` GPU."""
+def find_done(folders: list[Path], rows, slug: str, version: str) -> dict[str, Path]:
+    """Row name -> a result file (in any of `folders`) that measured it ok, with the same command, at code
+    `version` on a `slug` GPU."""
+    commands = {row.name: row.command() for row in rows}
     done = {}
     for folder in folders:
         for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
@@ -197,7 +206,7 @@ def find_done(folders: list[Path], slug: str, version: str) -> dict[str, Path]:
             except (OSError, ValueError, AttributeError):
                 continue
             if isinstance(rec, dict) and rec.get("status") == "ok" and rec.get("code_version") == version \
-                    and rec.get("gpu_slug") == slug and "row" in rec:
+                    and rec.get("gpu_slug") == slug and rec.get("command") == commands.get(rec.get("row")):
                 done.setdefault(rec["row"], path)
     return done
 
@@ -341,7 +350,7 @@ def run_row(row: Row, out_dir: Path, kill_at: float, info: dict) -> dict:
 
     argv = [sys.executable if i == 0 and a == "python" else filled(a) for i, a in enumerate(row.argv)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **{k: filled(v) for k, v in row.env}}
-    rec = dict(row=row.name, argv=argv, **info, estimate_s=row.estimate_s, started=_now())
+    rec = dict(row=row.name, command=row.command(), argv=argv, **info, estimate_s=row.estimate_s, started=_now())
     t0 = time.monotonic()
     code, status = None, "interrupted"
     try:
@@ -439,8 +448,8 @@ def main(argv=None) -> int:
     name = args.gpu or gpu_name()
     slug, version = gpu_slug(name), code_version()
     out = Path(args.out)
-    done = find_done([out, *map(Path, args.done)], slug, version)
     rows = [r for r in ROWS if not names or r.name in names]
+    done = find_done([out, *map(Path, args.done)], rows, slug, version)
     entries = plan(rows, slug, done, chosen=bool(names))
     print(f"GPU {name} ({slug}); code version {version} (git {git_commit()}); deadline {args.deadline:g} s; "
           f"results to {out}", flush=True)

@@ -23,10 +23,12 @@ def py(code: str, *args: str) -> tuple[str, ...]:
     return ("python", "-c", code, *args)
 
 
-def done_file(folder: Path, name: str, **rec) -> Path:
+def done_file(folder: Path, name: str, rows=None, **rec) -> Path:
+    """A result file of row `name` (of `rows`, default the real ones): ok at code-v1 on an H100 unless `rec` says."""
+    command = next(r for r in rows or backlog.ROWS if r.name == name).command()
     path = folder / f"{name}.json"
-    path.write_text(json.dumps({"x": 1, "backlog": {"row": name, "status": "ok", "code_version": "code-v1",
-                                                     "gpu_slug": "h100", **rec}}))
+    path.write_text(json.dumps({"x": 1, "backlog": {"row": name, "command": command, "status": "ok",
+                                                     "code_version": "code-v1", "gpu_slug": "h100", **rec}}))
     return path
 
 
@@ -39,13 +41,15 @@ def test_only_rows_done_ok_at_this_code_version_on_this_gpu_are_skipped(tmp_path
     done_file(b, "stream_480p_16gb", gpu_slug="h200")  # other GPU
     done_file(b, "whole_480p_16gb", status="failed")
     done_file(b, "fewstep_720p_fp8", status="timed_out")
+    done_file(b, "waterfall_720p_fused", command=["python", "-m", "benchmarks.waterfall", "--rows", "8"])  # other args
     (b / "broken.json").write_text("{not json")
     (b / "list.json").write_text("[1, 2]")
-    done = backlog.find_done([a, b, tmp_path / "missing"], "h100", "code-v1")
+    done = backlog.find_done([a, b, tmp_path / "missing"], backlog.ROWS, "h100", "code-v1")
     assert set(done) == {"whole_720p_24gb"}
     why = dict((r.name, w) for r, w in backlog.plan(backlog.ROWS, "h100", done, chosen=False))
     assert why["whole_720p_24gb"].startswith("done: ok at this code version on h100")
-    assert all(why[n] == "pending" for n in ("gpu_tier", "stream_480p_16gb", "whole_480p_16gb", "fewstep_720p_fp8"))
+    assert all(why[n] == "pending" for n in ("gpu_tier", "stream_480p_16gb", "whole_480p_16gb", "fewstep_720p_fp8",
+                                             "waterfall_720p_fused"))
     assert why["cli_720p_fast"] == "pending"  # an H100 row on an H100
     on_h200 = dict((r.name, w) for r, w in backlog.plan(backlog.ROWS, "h200", {}, chosen=False))
     assert on_h200["cli_720p_fast"].startswith("not for this GPU") and on_h200["gpu_tier"] == "pending"
@@ -55,8 +59,7 @@ def test_only_rows_done_ok_at_this_code_version_on_this_gpu_are_skipped(tmp_path
 
 def test_list_plans_without_running(tmp_path, capsys):
     version = backlog.code_version()
-    (tmp_path / "h100_gpu_tier.json").write_text(json.dumps(
-        {"backlog": {"row": "gpu_tier", "status": "ok", "code_version": version, "gpu_slug": "h100"}}))
+    done_file(tmp_path, "gpu_tier", code_version=version)
     assert backlog.main(["--list", "--gpu", "h100", "--out", str(tmp_path / "out"), "--done", str(tmp_path),
                          "--deadline", "540"]) == 0
     out = capsys.readouterr().out
@@ -72,7 +75,7 @@ def test_list_plans_without_running(tmp_path, capsys):
 
 def test_code_version_is_the_code_not_results_docs_or_caches(tmp_path):
     for rel in ("wan/a.py", "benchmarks/b.py", "benchmarks/results/r.json", "tests/t.py", "generate.py", "README.md",
-                "OPTIMIZATION.md"):
+                "OPTIMIZATION.md", "benchmarks/backlog.py", "tests/test_backlog.py"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(rel)
     v0 = backlog.code_version(tmp_path)
@@ -80,6 +83,7 @@ def test_code_version_is_the_code_not_results_docs_or_caches(tmp_path):
     (tmp_path / "benchmarks/results/backlog").mkdir()
     (tmp_path / "benchmarks/results/backlog/h100_gpu_tier.json").write_text("{}")
     (tmp_path / "OPTIMIZATION.md").write_text("new text")
+    (tmp_path / "benchmarks/backlog.py").write_text("new estimates")  # a row's command is compared on its own
     (tmp_path / "wan/__pycache__").mkdir()
     (tmp_path / "wan/__pycache__/a.cpython-311.pyc").write_bytes(b"\0")
     (tmp_path / "tests/.pytest_cache").mkdir()
@@ -135,7 +139,7 @@ def test_rows_with_errors_inside_or_a_bad_exit_are_failed(tmp_path):
     assert recs[0]["errors"] == ["rows[1]: timed out"] and recs[1]["errors"] == ["tests.t: failed"]
     assert recs[2]["exit_code"] == 3 and "out of memory" in recs[2]["output_tail"]
     assert recs[3]["errors"] == ["no result: the row wrote no JSON"]
-    assert backlog.find_done([tmp_path], "h100", "code-test") == {}
+    assert backlog.find_done([tmp_path], rows, "h100", "code-test") == {}
 
 
 SLEEPER = """
@@ -287,7 +291,7 @@ def test_a_call_skips_done_rows_runs_the_rest_and_prints_the_summary(tmp_path, m
     monkeypatch.setattr(backlog, "gpu_name", lambda: "NVIDIA H100 80GB HBM3")
     done = tmp_path / "done"
     done.mkdir()
-    done_file(done, "measured", code_version=backlog.code_version())
+    done_file(done, "measured", rows, code_version=backlog.code_version())
     out = tmp_path / "out"
     assert backlog.main(["--out", str(out), "--done", str(done), "--deadline", "60"]) == 0
     text = capsys.readouterr().out
