@@ -30,7 +30,7 @@ from wan.options import FAST_PRESET
 DISTILLED = dict(solver="euler", sampling_steps=4, shift=5.0, guide=(1.0, 1.0))
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--res", default="720p", choices=["480p", "720p", "tiny"])
     p.add_argument("--frame_num", type=int, default=81)
@@ -43,7 +43,11 @@ def main(argv=None) -> int:
                    help="another few-step row with these option overrides, compared with the baseline's video")
     p.add_argument("--deadline", type=float, default=560)
     p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     left = lambda: args.deadline - (time.perf_counter() - t0)  # noqa: E731
     common = ["--res", args.res, "--frame_num", str(args.frame_num)]

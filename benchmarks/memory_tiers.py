@@ -19,7 +19,7 @@ from benchmarks.waterfall import environment, finish, run_child
 from wan.options import FAST_PRESET, fast_options
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--res", default="480p", choices=["480p", "720p", "tiny"])
     p.add_argument("--frame_num", type=int, default=81)
@@ -29,9 +29,18 @@ def main(argv=None) -> int:
     p.add_argument("--ffn_chunks", type=int, default=0,
                    help="also a streamed row under the smallest cap with the FFN over this many token chunks")
     p.add_argument("--whole_run", type=float, default=0, help="GB: also one whole generation under this budget")
+    p.add_argument("--only_whole_run", action="store_true",
+                   help="skip the resident and streamed rows: the whole run alone (it needs the call's time)")
     p.add_argument("--deadline", type=float, default=560)
     p.add_argument("--out", default=None)
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
+    if args.only_whole_run and not args.whole_run:
+        p.error("--only_whole_run needs --whole_run GB")
     t0 = time.perf_counter()
     # one expert serves both noise levels: the timed steps run one expert anyway, and building and pinning a second
     # 28.6 GB expert would only cost minutes of the call
@@ -44,6 +53,8 @@ def main(argv=None) -> int:
         cap = min(float(c) for c in args.caps.split(","))
         rows.append((f"block-streamed, {args.slots} slots, {cap:g} GB cap, FFN in {args.ffn_chunks} token chunks",
                      {**FAST_PRESET, "stream_blocks": args.slots, "ffn_chunks": args.ffn_chunks}, cap))
+    if args.only_whole_run:
+        rows = []
     record = {"env": environment(), "res": args.res, "frame_num": args.frame_num, "rows": []}
     for label, opts, cap in rows:
         left = args.deadline - (time.perf_counter() - t0)
@@ -80,10 +91,11 @@ def _overlap_note(ov: dict | None) -> str:
 def markdown(record: dict) -> str:
     env = record["env"]
     lines = [f"### {env.get('gpu', 'cpu')}, {record['res']}, {record['frame_num']} frames, torch {env['torch']}, "
-             f"commit {env['git_commit']}",
-             "| row | s / forward (step median, min, max, n) | x resident | peak GB allocated / reserved | placement |",
-             "|---|---|---|---|---|"]
-    base = record["rows"][0] if "error" not in record["rows"][0] else None
+             f"commit {env['git_commit']}"]
+    if record["rows"]:  # none with --only_whole_run
+        lines += ["| row | s / forward (step median, min, max, n) | x resident | peak GB allocated / reserved | "
+                  "placement |", "|---|---|---|---|---|"]
+    base = record["rows"][0] if record["rows"] and "error" not in record["rows"][0] else None
     for r in record["rows"]:
         if "error" in r:
             lines.append(f"| {r['label']} | error: {r['error'][-150:]} | | | |")

@@ -293,6 +293,9 @@ def run_full(args):
     and `--repeat` steady ones, stage by stage. `--lora_rank` merges random Lightning-layout LoRAs at build."""
     device = torch.device(args.device)
     opts = RuntimeOptions(**json.loads(args.options))
+    cli_plan = None
+    if args.cli_plan:
+        opts, cli_plan = cli_fast_plan(opts, args.res, args.frame_num, device)
     lora = {}
     if args.lora_rank:
         from wan.configs.model_config import A14B, TINY
@@ -306,6 +309,8 @@ def run_full(args):
     pipe = random_pipeline(opts, device, tiny=args.res == "tiny", n_experts=2, with_text=True,
                            plan_for=(w, h, args.frame_num), **lora)
     build_s = time.perf_counter() - t0
+    experts = (pipe.high_noise_model, pipe.low_noise_model)
+    weights_gb = dict(high=gpu_weight_gb(experts[0]), low=gpu_weight_gb(experts[1]), both=gpu_weight_gb(*experts))
     gen = dict(size=(w, h), frame_num=args.frame_num, shift=args.shift, sample_solver=args.solver,
                sampling_steps=args.sampling_steps, guide_scale=tuple(args.guide), seed=42)
     prompt = "Two anthropomorphic cats in comfy boxing gear fight on a spotlighted stage."
@@ -322,7 +327,7 @@ def run_full(args):
     steady = [r["total_s"] for r in runs[1:]] or [runs[0]["total_s"]]
     out = dict(kind="full", res=args.res, options=pipe.options.changed(), backends=pipe.last_result.backends,
                memory_plan=pipe.memory_plan.describe() if pipe.memory_plan else None, allocator=pipe.allocator,
-               placement=pipe.placement.describe(),
+               placement=pipe.placement.describe(), cli_plan=cli_plan, expert_weights_gb=weights_gb,
                build_s=build_s, load_timings=pipe.load_timings, sampling_steps=args.sampling_steps,
                solver=args.solver, guide=args.guide, shift=args.shift, lora_rank=args.lora_rank,
                first_video_s=runs[0]["total_s"], steady_video_s=spread(steady), runs=runs)
@@ -338,6 +343,43 @@ def run_full(args):
     return out
 
 
+def gpu_weight_gb(*models) -> float:
+    """GB of the models' parameters and buffers that sit on a GPU now (after placement and any fp8 conversion;
+    storage shared between them counted once)."""
+    tensors = {t.data_ptr(): t for m in models for t in (*m.parameters(), *m.buffers()) if t.device.type == "cuda"}
+    return sum(t.numel() * t.element_size() for t in tensors.values()) / 1e9
+
+
+def cli_fast_plan(opts: RuntimeOptions, res: str, frame_num: int, device) -> tuple[RuntimeOptions, dict]:
+    """The options generate.py runs `--fast` with on this card (one GPU, no placement flag): its own _fast_budget
+    (wan.memory_plan.fast_budget on the free memory, before anything is built), for this size, with T5 at the
+    umt5-xxl size (no checkpoint file). Returns them and what the CLI saw and logged."""
+    import logging
+    import logging.handlers
+
+    import generate
+    from wan.configs import WAN_CONFIGS
+
+    if device.type != "cuda":
+        raise SystemExit(f"error: --cli_plan: the CLI plans for a CUDA card's free memory; this run is on {device}")
+    w, h = RESOLUTIONS[res]
+    cli_args = argparse.Namespace(options=opts, size=f"{w}*{h}", frame_num=frame_num)
+    handler = logging.handlers.BufferingHandler(capacity=1000)  # the line the CLI logs
+    log = logging.getLogger("wan")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        free_gb = torch.cuda.mem_get_info(device)[0] / 1e9
+        planned = generate._fast_budget(cli_args, WAN_CONFIGS["t2v-tiny" if res == "tiny" else "t2v-A14B"], device,
+                                        Path(tempfile.mkdtemp()))
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    return planned, dict(free_gb=free_gb, log=[r.getMessage() for r in handler.buffer],
+                         options_changed=planned != opts)
+
+
 def video_error(video: torch.Tensor, ref: torch.Tensor) -> dict:
     """PSNR / SSIM of two [3, T, H, W] videos in [-1, 1] as they would be saved (8-bit frames)."""
     from benchmarks.compare import compare_videos
@@ -346,7 +388,7 @@ def video_error(video: torch.Tensor, ref: torch.Tensor) -> dict:
     return compare_videos(_to_frames(video), _to_frames(ref))
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()
     p.add_argument("what", choices=["row", "stages", "peer", "full"])
     p.add_argument("--res", default="480p", choices=list(RESOLUTIONS))
@@ -371,8 +413,14 @@ def main(argv=None):
     p.add_argument("--profile", default=None, help="write a profiler summary of one forward here (row)")
     p.add_argument("--transfers", action="store_true", help="also time expert CPU<->GPU moves (stages)")
     p.add_argument("--vae_dtypes", default="fp32", help="stages: VAE decode dtypes, e.g. fp32,bf16")
+    p.add_argument("--cli_plan", action="store_true",
+                   help="full: as generate.py --fast on one GPU: plan for the card's free memory before building")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     dist = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: multi-GPU rows (Ulysses / CFG parallel)
         from wan.distributed.setup import init_distributed

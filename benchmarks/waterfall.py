@@ -79,21 +79,26 @@ def projection(row: dict, opts: dict, stages: dict | None) -> dict:
     return out
 
 
+def git(*args: str) -> str | None:
+    """`git ARGS` in this checkout (stdout, stripped), or None without git or .git, or when ROOT is not the top of
+    its own repository: a tree copied inside another repository must not report that one's commits."""
+    def run(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        return run(*args) if Path(run("rev-parse", "--show-toplevel")).resolve() == ROOT else None
+    except Exception:  # noqa: BLE001 - a copied tree without .git
+        return None
+
+
 def git_commit() -> str:
-    """$GIT_COMMIT if set (a copied tree), else this checkout's HEAD (+ "-dirty"), but only when ROOT is the top of
-    its own repository: a tree copied inside another repository must not report that one's commit."""
+    """$GIT_COMMIT if set (a copied tree), else this checkout's HEAD (+ "-dirty"), else "unknown"."""
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
-    try:
-        def git(*a):
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-
-        if Path(git("rev-parse", "--show-toplevel")).resolve() != ROOT:
-            return "unknown"
-        return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no")
-                                                      else "")
-    except Exception:  # noqa: BLE001 - a copied tree without .git
+    head = git("rev-parse", "--short", "HEAD")
+    if head is None:
         return "unknown"
+    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def environment() -> dict:
@@ -106,7 +111,7 @@ def environment() -> dict:
     return env
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--res", default="480p", choices=["480p", "720p", "tiny"])
     p.add_argument("--frame_num", type=int, default=81)
@@ -120,7 +125,11 @@ def main(argv=None) -> int:
     p.add_argument("--profile", default=None, help="profiler summary of one forward of the last row, to this file")
     p.add_argument("--deadline", type=float, default=560, help="seconds: skip what would start after this")
     p.add_argument("--out", default=None, help="JSON result file")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     t_start = time.perf_counter()
     left = lambda: args.deadline - (time.perf_counter() - t_start)  # noqa: E731

@@ -1,0 +1,493 @@
+"""The GPU backlog: OPTIMIZATION.md's "Built, not yet measured on a GPU" as one command, for calls of a few minutes
+each on a bare GPU machine:
+
+    python -m benchmarks.backlog --deadline 540 --out DIR [--done FOLDER ...] [--rows a,b] [--list]
+
+Rows run in priority order (ROWS), each in its own process group, with the time left as its own --deadline where
+the benchmark takes one; when the backlog's deadline comes the running row's whole group is stopped (SIGINT, then
+SIGTERM, then SIGKILL). A row whose estimate does not fit the time left is not started; a smaller one after it may
+be. Each row's result is written the moment it ends, atomically: DIR/<gpu>_<row>.json, the benchmark's own JSON
+(or the pytest report) plus a "backlog" record (argv, code version, GPU, times, exit code, status, output tail).
+
+A row measured "ok" with the same command at the same code version on the same GPU model (a result file in DIR or
+any --done folder) is skipped, so two or three calls finish the list. The code version is a hash of the code's bytes
+(wan/, benchmarks/ without results/ and this tool, tests/, generate.py): the same on a copied tree without .git (the
+GPU machine), unchanged when only results, documents or the backlog's estimates change, and different for any code
+change, committed or not.
+`--list` prints the plan (what would run, what is done, what does not fit) and runs nothing; it works on a CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from benchmarks.waterfall import ROOT, git, git_commit
+from wan.options import FAST_PRESET, fast_options
+
+OUT, DEADLINE = "{out}", "{deadline}"  # placeholders in a row's argv / env: its JSON file, its seconds left
+WRAP_UP_S = 20  # a row's own --deadline ends this much before the backlog's: time to write its JSON and exit
+STOP = ((signal.SIGINT, 10.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0))  # (signal, seconds to wait after it)
+TAIL_CHARS = 3000
+CODE_PATHS = ("wan", "benchmarks", "tests", "generate.py")
+# results, and this tool (its estimates and table): a row's own command is compared separately (Row.command)
+NOT_CODE = ("benchmarks/results", "benchmarks/backlog.py", "tests/test_backlog.py")
+IGNORED_DIRS = {"__pycache__", "build"}  # and hidden folders, *.egg-info (as .gitignore)
+IGNORED_SUFFIXES = (".pyc", ".mp4")
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    argv: tuple[str, ...]  # "python", "-m", module, ...: OUT and DEADLINE filled in when it starts
+    estimate_s: float  # wall seconds on an H100 / H200: process start, random full-size build, compile, timing
+    measures: str
+    gpus: tuple[str, ...] = ()  # GPU slugs (gpu_slug) it is for; () = any
+    env: tuple[tuple[str, str], ...] = ()  # extra environment variables (placeholders allowed)
+    key: Callable[[dict], str] | None = None  # the row's headline numbers from its record (for the summary)
+
+    def command(self) -> list[str]:
+        """What the row runs, as recorded: a result counts as this row's only while this stays the same."""
+        return [*self.argv, *(f"{k}={v}" for k, v in self.env)]
+
+
+def _whole_run_key(r: dict) -> str:
+    run = r["whole_run"]
+    return f"{run['first_video_s']:.0f} s, peak {run['runs'][0]['peak_reserved_gb']:.1f} GB reserved"
+
+
+def _pytest_key(r: dict) -> str:
+    counts = collections.Counter(t.get("outcome", "?") for t in r["tests"].values())
+    return ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
+
+
+def _tiers_key(r: dict) -> str:
+    base = r["rows"][0]
+    return "; ".join(f"x{x['per_forward_s'] / base['per_forward_s']:.3f} of resident, {x['peak_reserved_gb']:.1f} GB "
+                     "reserved" for x in r["rows"][1:])
+
+
+def _fp8_key(r: dict) -> str:
+    bf16, fp8 = r["fewstep"], r["variants"][0]
+    return (f"fp8 {fp8['steady_video_s']['median']:.1f} s vs bf16 {bf16['steady_video_s']['median']:.1f} s per "
+            f"video; fp8 experts {fp8['expert_weights_gb']['both']:.1f} GB on the GPU")
+
+
+def _waterfall_key(r: dict) -> str:
+    rows = ", ".join(f"{x['per_forward_s']:.2f}" if "error" not in x else "error" for x in r["rows"])
+    peer = r.get("peer") or {}
+    return f"s/forward {rows}" + (f"; peer {peer['per_forward_s']:.2f}" if "per_forward_s" in peer else "")
+
+
+def _full_key(r: dict) -> str:
+    return (f"{r['first_video_s']:.0f} s, peak {r['runs'][0]['peak_reserved_gb']:.1f} GB reserved, "
+            f"{r['cli_plan']['free_gb']:.1f} GB free before the build")
+
+
+def _fewstep_key(r: dict) -> str:
+    return (f"4-step video {r['fewstep']['steady_video_s']['median']:.1f} s; 40-step row "
+            f"{r['row_40_steps']['per_forward_s']:.2f} s/forward")
+
+
+def _bench(module: str, *args: str, deadline: bool = True) -> tuple[str, ...]:
+    return ("python", "-m", f"benchmarks.{module}", *args, *(("--deadline", DEADLINE, "--out", OUT) if deadline
+                                                               else ()))
+
+
+_FAST = json.dumps(fast_options().changed())  # generate.py --fast
+_FEWSTEP_OPTIONS = json.dumps({**FAST_PRESET, "vae_dtype": "bf16"})
+_FP8_VARIANT = "fp8 all + flash3_fp8=" + json.dumps({"fp8_linear": "all", "attn_backend": "flash3_fp8"})
+
+# Priority order (issue 18). Estimates from the committed H200 results (benchmarks/results/) plus about 15% for an
+# H100, each rounded up: process start, random full-size experts built on the GPU (and pinned on the host when
+# streamed), compile, the timed part.
+ROWS: tuple[Row, ...] = (
+    Row("whole_720p_24gb", _bench("memory_tiers", "--res", "720p", "--whole_run", "24", "--only_whole_run"), 300,
+        "the whole 720p --fast run under a 24 GB cap (T5 streamed by layers, 4 Euler steps with CFG over both "
+        "experts, banded VAE decode): target at most 22 GB reserved", key=_whole_run_key),
+    Row("gpu_tier", ("python", "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/"), 240,
+        "the GPU test tier (tests marked gpu): band-order VAE at 720p bf16 (6 GB target), the fused q/k kernel, FFN "
+        "chunks, copy/compute overlap, fp8 kernels (streamed T5 is measured by the whole-run rows)",
+        env=(("WAN_GPU_REPORT", OUT),), key=_pytest_key),
+    Row("stream_480p_16gb", _bench("memory_tiers", "--res", "480p", "--caps", "16", "--ffn_chunks", "4"), 330,
+        "480p resident, then block-streamed under a 16 GB cap without and with the FFN in 4 token chunks: target at "
+        "most 1.15x resident", key=_tiers_key),
+    Row("whole_480p_16gb", _bench("memory_tiers", "--res", "480p", "--whole_run", "16", "--only_whole_run"), 220,
+        "the whole 480p --fast run under a 16 GB cap (the memory plan's choice, its peak)", key=_whole_run_key),
+    Row("fewstep_720p_fp8", _bench("fewstep", "--res", "720p", "--skip", "row,stages", "--repeat", "2", "--options",
+                                   _FEWSTEP_OPTIONS, "--variant", _FP8_VARIANT), 420,
+        "the 4-step 720p video with fp8 linears and fp8 attention beside the bf16 one, its error and the GB of both "
+        "fp8 experts on the GPU: targets at most 35 s and 34 GB", key=_fp8_key),
+    Row("waterfall_720p_fused", _bench("waterfall", "--res", "720p", "--rows", "8,9", "--peer", "--steps", "3"), 280,
+        "720p: the --fast row, + fused_qk_rope, and the diffusers peer, three timed steps per row",
+        key=_waterfall_key),
+    Row("waterfall_720p_h100", _bench("waterfall", "--res", "720p", "--rows", "1,8,9", "--peer", "--steps", "3"), 340,
+        "H100 720p: the reference's single-GPU setting, --fast, + fused_qk_rope and the peer in one run",
+        gpus=("h100",), key=_waterfall_key),
+    Row("cli_720p_fast", _bench("rows", "--res", "720p", "full", "--cli_plan", "--options", _FAST, "--sampling_steps",
+                                "4", "--solver", "euler", "--shift", "5", "--guide", "3", "4", "--repeat", "0",
+                                deadline=False), 240,
+        "H100 720p: the plain --fast whole run (4 Euler steps with CFG over both experts: 40 do not fit a call) on "
+        "the plan generate.py picks for the card's free memory; its peak", gpus=("h100",), key=_full_key),
+    Row("fewstep_720p", _bench("fewstep", "--res", "720p", "--repeat", "2"), 470,
+        "H100 720p: a 4-step LoRA video beside the 40-step --fast row", gpus=("h100",), key=_fewstep_key),
+)
+
+
+# --- where and what: GPU, code version, results already measured ------------------------------------------------
+
+def gpu_name() -> str:
+    """torch.cuda.get_device_name(0), asked in a child process so this one holds no CUDA context (the rows plan for
+    the card's free memory); "cpu" without CUDA."""
+    probe = "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    lines = out.stdout.strip().splitlines()
+    return lines[-1] if out.returncode == 0 and lines else "cpu"
+
+
+def gpu_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100', 'NVIDIA H200' -> 'h200'; else the name in lower case and dashes."""
+    low = name.lower()
+    m = re.search(r"\b[a-z]{1,3}\d{2,4}[a-z]?\b", low.replace("nvidia", ""))
+    return m.group(0) if m else re.sub(r"[^a-z0-9]+", "-", low).strip("-") or "unknown"
+
+
+def code_files(root: Path = ROOT) -> list[Path]:
+    """The files whose bytes make the code version, sorted: CODE_PATHS without NOT_CODE, caches and hidden files."""
+    files = []
+    for top in CODE_PATHS:
+        path = root / top
+        if path.is_file():
+            files.append(path)
+            continue
+        for folder, dirs, names in os.walk(path):
+            rel = Path(folder).relative_to(root).as_posix()
+            dirs[:] = [d for d in dirs if not (d.startswith(".") or d in IGNORED_DIRS or d.endswith(".egg-info")
+                                               or f"{rel}/{d}" in NOT_CODE)]
+            files += [Path(folder) / n for n in names if not (n.startswith(".") or n.endswith(IGNORED_SUFFIXES)
+                                                                or f"{rel}/{n}" in NOT_CODE)]
+    return sorted(files, key=lambda f: f.relative_to(root).as_posix())
+
+
+def code_version(root: Path = ROOT) -> str:
+    """'code-' + 12 hex digits of a SHA-256 over the code files' relative paths and bytes."""
+    h = hashlib.sha256()
+    for f in code_files(root):
+        data = f.read_bytes()
+        h.update(f"{f.relative_to(root).as_posix()}\0{len(data)}\0".encode())
+        h.update(data)
+    return "code-" + h.hexdigest()[:12]
+
+
+def find_done(folders: list[Path], rows, slug: str, version: str) -> dict[str, Path]:
+    """Row name -> a result file (in any of `folders`) that measured it ok, with the same command, at code
+    `version` on a `slug` GPU."""
+    commands = {row.name: row.command() for row in rows}
+    done = {}
+    for folder in folders:
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                rec = json.loads(path.read_text()).get("backlog")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(rec, dict) and rec.get("status") == "ok" and rec.get("code_version") == version \
+                    and rec.get("gpu_slug") == slug and rec.get("command") == commands.get(rec.get("row")):
+                done.setdefault(rec["row"], path)
+    return done
+
+
+def plan(rows, slug: str, done: dict[str, Path], chosen: bool) -> list[tuple[Row, str]]:
+    """(row, why) for every row: why is "pending", or the reason it is skipped. Rows named by --rows (`chosen`) run
+    on any GPU; the others only on the GPUs they are for."""
+    out = []
+    for row in rows:
+        if row.name in done:
+            out.append((row, f"done: ok at this code version on {slug} ({done[row.name]})"))
+        elif row.gpus and slug not in row.gpus and not chosen:
+            out.append((row, f"not for this GPU (for {', '.join(row.gpus)}; name it in --rows to run it anyway)"))
+        else:
+            out.append((row, "pending"))
+    return out
+
+
+# --- running one row ---------------------------------------------------------------------------------------------
+
+class Interrupted(BaseException):
+    """SIGTERM to the backlog: raised in the main thread, so the running row is stopped and recorded."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether process group `pgid` has a member that is not a zombie (Linux /proc; else any member)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        state, _ppid, pgrp = text[text.rindex(")") + 2:].split()[:3]  # fields after "pid (comm) "
+        if int(pgrp) == pgid and state != "Z":
+            return True
+    return False
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop every process of `proc`'s group (it leads a session of its own): each signal of STOP in turn until
+    none is left; `proc` is reaped."""
+    for sig, wait in STOP:
+        proc.poll()
+        if not group_alive(proc.pid):
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        end = time.monotonic() + wait
+        while time.monotonic() < end and (proc.poll() is None or group_alive(proc.pid)):
+            time.sleep(0.05)
+    proc.wait()
+
+
+def run_in_group(argv: list[str], env: dict, log: Path, kill_at: float) -> tuple[int, bool]:
+    """Run argv in a new session (its own process group), stdout and stderr to `log`; stop the whole group at
+    `kill_at` (time.monotonic()). Returns (exit code, timed out); no process of the group is left, also when the
+    backlog is interrupted."""
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    timed_out = False
+    try:
+        proc.wait(timeout=max(kill_at - time.monotonic(), 0))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:
+        stop_group(proc)  # also after a normal end: workers it left behind (compile pools) hold GPU memory
+    return proc.returncode, timed_out
+
+
+def read_result(path: Path, output: str):
+    """The row's JSON: its --out / report file, else the last `RESULT {json}` line of its output (benchmarks.rows);
+    None if neither."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    for line in reversed(output.splitlines()):
+        if line.startswith("RESULT "):
+            with contextlib.suppress(ValueError):
+                return json.loads(line[len("RESULT "):])
+    return None
+
+
+def errors_in(record, where: str = "") -> list[str]:
+    """'path: message' for every "error" entry in a benchmark record (a part it could not run, out of time, OOM) and
+    every failed test of a pytest report: such a row is not ok, even with exit code 0."""
+    found = []
+    if isinstance(record, dict):
+        for k, v in record.items():
+            if k == "error":
+                found.append(f"{where or '.'}: {str(v)[-200:]}")
+            elif k == "outcome" and v not in ("passed", "skipped"):
+                found.append(f"{where}: {v}")
+            else:
+                found += errors_in(v, f"{where}.{k}" if where else k)
+    elif isinstance(record, list):
+        for i, v in enumerate(record):
+            found += errors_in(v, f"{where}[{i}]")
+    return found
+
+
+def write_json_atomic(path: Path, record: dict) -> None:
+    """Write `record` to `path` through a temporary file in the same folder and a rename: a reader sees the old file
+    or the whole new one, and no temporary file is left behind (Ctrl-C, SIGTERM, a full disk)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=1, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def run_row(row: Row, out_dir: Path, kill_at: float, info: dict) -> dict:
+    """Run one row until it ends or `kill_at`; write out_dir/<gpu>_<row>.json at once. Returns its backlog record."""
+    work = Path(tempfile.mkdtemp(prefix="backlog_"))
+    raw, log = work / "result.json", work / "output.log"
+    fill = {OUT: str(raw), DEADLINE: f"{max(kill_at - time.monotonic() - WRAP_UP_S, 1):.0f}"}
+
+    def filled(text: str) -> str:
+        for k, v in fill.items():
+            text = text.replace(k, v)
+        return text
+
+    argv = [sys.executable if i == 0 and a == "python" else filled(a) for i, a in enumerate(row.argv)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **{k: filled(v) for k, v in row.env}}
+    rec = dict(row=row.name, command=row.command(), argv=argv, **info, estimate_s=row.estimate_s, started=_now())
+    t0 = time.monotonic()
+    code, status = None, "interrupted"
+    try:
+        code, timed_out = run_in_group(argv, env, log, kill_at)
+        status = "timed_out" if timed_out else "failed"
+    finally:  # also when the backlog is interrupted: the row is stopped (run_in_group) and recorded
+        output = log.read_text(errors="replace") if log.is_file() else ""
+        result = read_result(raw, output)
+        errors = errors_in(result) if result is not None else ["no result: the row wrote no JSON"]
+        if status == "failed" and code == 0 and not errors:
+            status = "ok"
+        rec.update(ended=_now(), wall_s=round(time.monotonic() - t0, 1), exit_code=code, status=status,
+                   errors=errors[:20], output_tail=output[-TAIL_CHARS:])
+        body = result if isinstance(result, dict) else {"result": result}
+        rec["file"] = str(out_dir / f"{info['gpu_slug']}_{row.name}.json")
+        write_json_atomic(Path(rec["file"]), {**body, "backlog": rec})
+        shutil.rmtree(work, ignore_errors=True)
+        with contextlib.suppress(Exception):
+            rec["key"] = row.key(result) if row.key and status == "ok" else ""
+    return rec
+
+
+def run_backlog(rows: list[Row], out_dir: Path, deadline_s: float, start: float, info: dict) -> list[dict]:
+    """Run `rows` in order within `deadline_s` seconds from `start` (time.monotonic()): a row starts only if its
+    estimate fits the time left. Returns one record per row (skipped ones included)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kill_at = start + deadline_s
+    done = []
+    for row in rows:
+        left = kill_at - time.monotonic()
+        if row.estimate_s > left:
+            print(f"[{time.monotonic() - start:5.0f} s] {row.name}: not started, estimate {row.estimate_s:.0f} s > "
+                  f"{int(left)} s left", flush=True)
+            done.append(dict(row=row.name, status="skipped_deadline", estimate_s=row.estimate_s, left_s=int(left)))
+            continue
+        print(f"[{time.monotonic() - start:5.0f} s] {row.name}: start (estimate {row.estimate_s:.0f} s, {left:.0f} s "
+              "left)", flush=True)
+        rec = run_row(row, out_dir, kill_at, info)
+        done.append(rec)
+        print(f"[{time.monotonic() - start:5.0f} s] {row.name}: {rec['status']} after {rec['wall_s']:.0f} s, exit "
+              f"{rec['exit_code']}, {rec['file']}" + (f": {rec['key']}" if rec.get("key") else ""), flush=True)
+        if rec["status"] != "ok":
+            print("  " + "\n  ".join(rec["errors"][:5]) + "\n  output ends:\n" + rec["output_tail"][-1500:],
+                  flush=True)
+    return done
+
+
+# --- the command -------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--deadline", type=float, default=540, help="seconds from the start: no row runs past it")
+    p.add_argument("--out", default="backlog_out", help="folder for the rows' JSON files")
+    p.add_argument("--done", action="append", default=[], metavar="FOLDER",
+                   help="also skip rows measured ok in result files here (repeatable; --out is always searched)")
+    p.add_argument("--rows", default="", help="comma-separated row names (default: all, in priority order)")
+    p.add_argument("--list", "--dry_run", dest="list", action="store_true", help="print the plan, run nothing")
+    p.add_argument("--gpu", default=None, help="plan (--list) for this GPU name, e.g. h100, instead of this one's")
+    return p
+
+
+def summary(records: list[dict]) -> str:
+    lines = ["| row | status | wall s | file | key numbers |", "|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['row']} | {r['status']} | {r.get('wall_s', '')} | {r.get('file', '')} | "
+                     f"{r.get('key', '')} |")
+    return "\n".join(lines)
+
+
+def print_plan(entries: list[tuple[Row, str]], deadline_s: float) -> None:
+    """The rows in order with what a call of `deadline_s` seconds would do with each, by the estimates."""
+    t = 0.0
+    print("| row | estimate s | for | plan |\n|---|---|---|---|")
+    for row, why in entries:
+        if why == "pending":
+            if row.estimate_s <= deadline_s - t:
+                why = f"would run at about {t:.0f}-{t + row.estimate_s:.0f} s"
+                t += row.estimate_s
+            else:
+                why = f"pending, would not start: estimate {row.estimate_s:.0f} s > {int(deadline_s - t)} s left"
+        print(f"| {row.name} | {row.estimate_s:.0f} | {', '.join(row.gpus) or 'any'} | {why} |")
+    print("\n" + "\n".join(f"- {row.name}: {row.measures}\n  {shlex.join(row.argv)}" for row, _ in entries))
+
+
+def main(argv=None) -> int:
+    start = time.monotonic()
+    p = build_parser()
+    args = p.parse_args(argv)
+    names = [n for n in args.rows.split(",") if n]
+    unknown = sorted(set(names) - {r.name for r in ROWS})
+    if unknown:
+        p.error(f"unknown row(s) {', '.join(unknown)}; the rows: {', '.join(r.name for r in ROWS)}")
+    if args.gpu and not args.list:
+        p.error("--gpu NAME is for planning (--list); a run records the GPU it runs on")
+    name = args.gpu or gpu_name()
+    slug, version = gpu_slug(name), code_version()
+    out = Path(args.out)
+    rows = [r for r in ROWS if not names or r.name in names]
+    done = find_done([out, *map(Path, args.done)], rows, slug, version)
+    entries = plan(rows, slug, done, chosen=bool(names))
+    print(f"GPU {name} ({slug}); code version {version} (git {git_commit()}); deadline {args.deadline:g} s; "
+          f"results to {out}", flush=True)
+    if args.list:
+        print_plan(entries, args.deadline - (time.monotonic() - start))
+        return 0
+    if slug == "cpu":
+        print("error: no CUDA GPU here: the rows need one; --list plans without running (--gpu NAME plans for that "
+              "GPU)", file=sys.stderr)
+        return 2
+    skipped = {}
+    for row, why in entries:
+        if why != "pending":
+            print(f"{row.name}: skipped, {why}")
+            skipped[row.name] = dict(row=row.name, status="skipped_done" if row.name in done else "skipped_gpu",
+                                     file=str(done.get(row.name, "")))
+    info = dict(code_version=version, git_commit=git_commit(),
+                code_commit=git("log", "-1", "--format=%h", "--", *CODE_PATHS, *(f":!{p}" for p in NOT_CODE)),
+                gpu=name, gpu_slug=slug, backlog_deadline_s=args.deadline)
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum, frame):
+        raise Interrupted(signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    records, code = [], 0
+    try:
+        records = run_backlog([r for r, why in entries if why == "pending"], out, args.deadline, start, info)
+        code = 0 if all(r["status"] in ("ok", "skipped_deadline") for r in records) else 1
+    except (KeyboardInterrupt, Interrupted) as e:
+        code = 128 + getattr(e, "signum", signal.SIGINT)
+        print(f"interrupted: the running row was stopped and recorded in {out}", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    ran = {r["row"]: r for r in records}
+    print(summary([skipped.get(r.name) or ran[r.name] for r, _ in entries if r.name in skipped or r.name in ran]))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
