@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from benchmarks.emulate import ENV as EMULATE_ENV
 from benchmarks.waterfall import ROOT, git, git_commit
 from wan.options import FAST_PRESET, fast_options
 
@@ -447,6 +448,8 @@ def main(argv=None) -> int:
         p.error("--gpu NAME is for planning (--list); a run records the GPU it runs on")
     name = args.gpu or gpu_name()
     slug, version = gpu_slug(name), code_version()
+    if os.environ.get(EMULATE_ENV):  # the rows run as on a smaller card (benchmarks/emulate.py): results say so
+        slug += f"-as-{float(os.environ[EMULATE_ENV]):g}gib"
     out = Path(args.out)
     rows = [r for r in ROWS if not names or r.name in names]
     done = find_done([out, *map(Path, args.done)], rows, slug, version)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.emulate import ENV as EMULATE_ENV
+from benchmarks.emulate import emulate_card
 from benchmarks.random_models import RESOLUTIONS, random_expert, random_pipeline, random_t5, random_vae
 from wan.memory_plan import bound_allocator
 from wan.modules.vae import VAE_DTYPES
@@ -421,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    emulated = emulate_card(torch.device(args.device)) if os.environ.get(EMULATE_ENV) else None
     dist = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: multi-GPU rows (Ulysses / CFG parallel)
         from wan.distributed.setup import init_distributed
@@ -434,6 +437,8 @@ def main(argv=None):
     finally:
         if dist is not None:
             dist.shutdown()
+    if emulated:
+        result["emulated_card"] = emulated
     if dist is None or dist.rank == 0:
         print("RESULT " + json.dumps(result), flush=True)
     return 0

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.emulate import ENV as EMULATE_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # (label, options added to the previous row); "derived" rows reuse the previous DiT run (only transfers change)
@@ -108,6 +110,8 @@ def environment() -> dict:
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
+    if os.environ.get(EMULATE_ENV):  # every row process runs as on a card of this size (benchmarks/emulate.py)
+        env["emulated_gpu_gib"] = float(os.environ[EMULATE_ENV])
     return env
 
 

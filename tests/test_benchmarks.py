@@ -136,3 +136,27 @@ def test_memory_tiers_tiny_cpu(tmp_path, capsys):
     assert all("error" not in r and r["per_forward_s"] > 0 for r in rows), rows
     assert rows[2]["options"]["ffn_chunks"] == 2 and rows[2]["backends"]["ffn"] == "2 token chunks"
     assert "FFN in 2 token chunks" in capsys.readouterr().out
+
+
+def test_emulated_card_caps_the_process_and_reports_its_free_memory(monkeypatch):
+    """WAN_EMULATE_GPU_GIB=79.18 on a 141 GB card holding 0.5 GB of context: the allocator may reserve the rest of
+    the 79.18 GiB, and mem_get_info reports that free out of 79.18 GiB (what the CLI's --fast plan reads)."""
+    import torch
+
+    from benchmarks import emulate
+
+    total, held = 143.8 * 2**30, 0.5 * 2**30
+    fractions = []
+    monkeypatch.setenv(emulate.ENV, "79.18")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (int(total - held), int(total)))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, i=None: fractions.append(f))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "NVIDIA H200")
+    record = emulate.emulate_card(torch.device("cuda:0"))
+    assert record["gib"] == 79.18 and record["on"] == "NVIDIA H200"
+    assert abs(fractions[0] * total - (79.18 * 2**30 - held)) < 1
+    free, size = torch.cuda.mem_get_info(0)
+    assert size == int(79.18 * 2**30) and abs(free - (79.18 * 2**30 - held)) < 2
+    monkeypatch.setenv(emulate.ENV, "200")
+    with pytest.raises(SystemExit, match="emulate a smaller size"):
+        emulate.emulate_card(torch.device("cuda:0"))

@@ -152,9 +152,10 @@ def choose(budget_gb: float, **kw) -> MemoryPlan:
     hint = ", or --t5_cpu" if peak == "text" and not kw.get("t5_cpu") else ""
     if kw.get("vae_dtype") == "fp32" and peak == "decode":
         hint += ", or --vae_dtype bf16"
+    need = smallest_budget(smallest.peak_gb)
     raise MemoryPlanError(f"--max_gpu_memory {budget_gb:g} GB is too small for this run even with block streaming "
-                     f"(expected {smallest.describe()}); allow at least {smallest_budget(smallest.peak_gb):.1f} GB{hint}, or a smaller "
-                     "--size / --frame_num")
+                          f"(expected {smallest.describe()}); allow at least {need:.1f} GB{hint}, or a smaller "
+                          "--size / --frame_num")
 
 
 ALLOCATOR_SETTING = "expandable_segments:True"
