@@ -106,10 +106,10 @@ def _stage_methods(stage: str) -> list[tuple[type, str]]:
         from ..modules.t5 import T5EncoderModel
 
         return [(T5EncoderModel, "__call__")]
-    if stage == "dit":
+    if stage == "dit":  # __call__ is looked up on the class: an instance's `forward` attribute cannot bypass it
         from ..modules.model import WanModel
 
-        return [(WanModel, "forward")]
+        return [(WanModel, "__call__")]
     if stage == "scheduler":  # every solver build_scheduler can return
         from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
@@ -137,7 +137,8 @@ def _scaled(out, factor: float):
 @contextmanager
 def scaled_stage(stage: str, factor: float):
     """Inside: every call of `stage` (t5, dit, scheduler, vae) returns its output times `factor`, everywhere (the
-    stage runs above and the pipeline alike): a deliberate error that the pins must catch."""
+    stage runs above and the pipeline alike): a deliberate error that the pins must catch. Patched on the classes
+    (T5EncoderModel.__call__, WanModel.__call__, each solver's step, Wan2_1_VAE.decode) and restored on exit."""
     with ExitStack() as stack:
         for cls, name in _stage_methods(stage):
             original = getattr(cls, name)
