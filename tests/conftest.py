@@ -1,5 +1,5 @@
 """Shared fixtures: one tiny checkpoint folder in the official layout per test session; the `gpu` marker and the
-GPU tier's JSON report (WAN_GPU_REPORT=path: each test's outcome and the numbers it recorded)."""
+GPU tier's JSON report (WAN_GPU_REPORT=path: each test's outcome and the numbers it recorded); the `pinned` marker."""
 import json
 import os
 import sys
@@ -30,6 +30,8 @@ _GPU_REPORT: dict = {}
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run with -m gpu on the GPU machine)")
+    config.addinivalue_line("markers", "pinned: checks pinned numbers; CI reruns these under other CPU instruction "
+                                       "sets (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY)")
 
 
 @pytest.fixture
