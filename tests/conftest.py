@@ -9,6 +9,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# torch.compile's CPU kernel cache is not keyed by ATEN_CPU_CAPABILITY: kernels cached by a default run fail to build
+# under ATEN_CPU_CAPABILITY=default ("'at::vec' has not been declared"). Such a run gets a cache of its own.
+if os.environ.get("ATEN_CPU_CAPABILITY") and not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+    import getpass
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_aten_{os.environ['ATEN_CPU_CAPABILITY']}")
+
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
