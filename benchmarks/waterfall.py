@@ -176,7 +176,7 @@ def main(argv=None) -> int:
             if "error" not in row:
                 row["projection"] = projection(row, row["options"], record["stages"])
     if args.peer and left() > 30:
-        record["peer"] = run_child([*common, "peer", "--steps", "1"], left())
+        record["peer"] = run_child([*common, "peer", "--steps", str(args.steps)], left())
         print(f"[{time.perf_counter() - t_start:6.0f} s] peer: {record['peer']}", flush=True)
     if args.full and left() > 60:
         full = run_child([*common, "full", "--options", json.dumps(opts), "--repeat", str(args.repeat)], left())

@@ -35,7 +35,7 @@ def test_random_build_peak_is_the_bf16_model_plus_one_fp32_tensor(gpu_record):
     extra = peak - kept
     gpu_record(kept_gb=kept / 1e9, peak_gb=peak / 1e9, extra_mb=extra / 2**20,
                largest_fp32_mb=_largest_fp32_tensor(model) / 2**20)
-    assert kept == _model_bytes(model)
+    assert abs(kept - _model_bytes(model)) < 16 * 2**20  # the allocator's rounding (+6 MB on an H100)
     assert extra <= _largest_fp32_tensor(model) * 1.01
 
 
@@ -59,5 +59,5 @@ def test_loader_peak_is_the_kept_weights_plus_one_fp32_tensor(tmp_path, gpu_reco
     kept, peak = torch.cuda.memory_allocated() - base, torch.cuda.max_memory_allocated() - base
     gpu_record(kept_gb=kept / 1e9, peak_gb=peak / 1e9, extra_mb=(peak - kept) / 2**20, largest_fp32_mb=largest / 2**20,
                shards=len(list((tmp_path / "expert").glob("*.safetensors"))))
-    assert kept == _model_bytes(loaded) and next(loaded.parameters()).dtype == torch.bfloat16
+    assert abs(kept - _model_bytes(loaded)) < 16 * 2**20 and next(loaded.parameters()).dtype == torch.bfloat16
     assert peak - kept <= largest * 1.01
