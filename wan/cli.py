@@ -305,7 +305,7 @@ def check_device(device: str | None, task: str) -> None:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {device} was asked for but CUDA is not available; use --device cpu "
-                             "(practical only for --task t2v-tiny) or install a CUDA build of torch")
+                             "(practical only for the tiny tasks) or install a CUDA build of torch")
         n = torch.cuda.device_count()
         if dev.index is not None and dev.index >= n:
             raise UsageError(f"--device {device}: only {n} CUDA device(s) are visible (cuda:0 .. cuda:{n - 1})")
