@@ -461,7 +461,7 @@ def _check_images(args, cfg) -> None:
 
 def plan_size(args) -> tuple[int, int]:
     """(width, height) the memory plan sizes for: --size, or for i2v the largest video the images give."""
-    sizes = [p.video_size for p in args.prompts if p.video_size is not None]
+    sizes = [p.video_size for p in getattr(args, "prompts", ()) if p.video_size is not None]
     return max(sizes, key=lambda s: s[0] * s[1]) if sizes else size_tuple(args.size)
 
 
