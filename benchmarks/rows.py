@@ -2,9 +2,12 @@
 
 row:    k denoising steps of the real pipeline loop (WanT2V.sample) with given options; seconds per forward,
         peak memory, backend used, and the difference to a reference latent / noise prediction if given.
-stages: text encoding, VAE decode and expert CPU<->GPU transfers (what the offloading original path pays).
+stages: text encoding, VAE decode and expert CPU<->GPU transfers (what the offloading original path pays); with
+        --task i2v also the VAE encode of the condition (the image and F - 1 black frames).
 peer:   diffusers' WanTransformer3DModel forward at the same size, bf16.
 full:   one whole generation (T5 -> 40 steps -> VAE) with both experts, to check the projection.
+--task i2v: the same with the image-to-video pipeline (WanI2V: 36-channel experts, the condition y with every
+forward) at the same token count (the first frame is a 16:9 picture of the --res size).
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.random_models import RESOLUTIONS, random_expert, random_pipeline, random_t5, random_vae
+from benchmarks.random_models import (RESOLUTIONS, TASKS, random_expert, random_image, random_pipeline, random_t5,
+                                      random_vae)
 from wan.memory_plan import bound_allocator
 from wan.modules.vae import VAE_DTYPES
 from wan.options import RuntimeOptions
@@ -67,6 +71,16 @@ def inputs(res, device, frame_num=81):
     return noise, [ctx[0]], [ctx[1]], seq_len
 
 
+def condition(res, device, frame_num=81) -> torch.Tensor:
+    """An I2V condition y [20, F', h/8, w/8]: the first-frame mask and a seeded N(0, 1) stand-in for the image
+    latent (the DiT's cost does not depend on its values; every row of a run gets the same one)."""
+    from wan.image_condition import first_frame_mask
+
+    (_, f, h, w), _ = geometry(res, frame_num)
+    latent = torch.randn(16, f, h, w, device=device, generator=torch.Generator(device=device).manual_seed(43))
+    return torch.cat([first_frame_mask(frame_num, h, w, device), latent])
+
+
 def peak_gb(device) -> dict:
     if torch.device(device).type != "cuda":
         return {"peak_gb": 0.0, "peak_reserved_gb": 0.0}
@@ -86,7 +100,7 @@ def run_row(args):
     opts = RuntimeOptions(**json.loads(args.options))
     t0 = time.perf_counter()
     experts = args.experts or (1 if opts.offload_model is not False else 2)
-    pipe = random_pipeline(opts, device, tiny=args.res == "tiny", n_experts=experts, with_text=False)
+    pipe = random_pipeline(opts, device, tiny=args.res == "tiny", n_experts=experts, with_text=False, task=args.task)
     build_s = time.perf_counter() - t0
     allocator = "default"
     if args.memory_cap_gb and device.type == "cuda":  # emulate a smaller card from here on (weights are placed)
@@ -96,6 +110,8 @@ def run_row(args):
     guide = (1.0, 1.0) if args.guidance_one else (3.0, 4.0)
     run = dict(context=ctx, context_null=ctx_null, seq_len=seq_len, sample_solver="unipc", sampling_steps=40,
                shift=12.0, guide=guide)
+    if args.task == "i2v":  # the condition joins every forward (the same 40-step schedule: the cost per forward)
+        run["y"] = condition(args.res, device, args.frame_num)
     t0 = time.perf_counter()
     pipe.sample(noise, max_steps=1, **run)  # warm-up at the real shape
     sync(device)
@@ -116,8 +132,8 @@ def run_row(args):
     per_step = statistics.median(step_s)
     forwards = 1 if args.guidance_one else 2
     model = pipe.high_noise_model
-    result = dict(kind="row", res=args.res, options=pipe.options.changed(), steps_timed=len(step_s), step_s=step_s,
-                  step_spread=spread(step_s), per_step_s=per_step, per_forward_s=per_step / forwards,
+    result = dict(kind="row", res=args.res, task=args.task, options=pipe.options.changed(), steps_timed=len(step_s),
+                  step_s=step_s, step_spread=spread(step_s), per_step_s=per_step, per_forward_s=per_step / forwards,
                   forwards_per_step=forwards, seq_len=seq_len,
                   tflops=model.estimate_flops(seq_len) / (per_step / forwards) / 1e12, **peak_gb(device),
                   gpu=gpu, resident_experts=1 if pipe.low_noise_model is pipe.high_noise_model else 2,
@@ -200,9 +216,12 @@ def run_stages(args):
     del t5
     lat, _ = geometry(args.res, args.frame_num)
     z = torch.randn(*lat, device=device, generator=torch.Generator(device=device).manual_seed(3))
-    out["vae"], videos = {}, {}
+    out["vae"], videos, latents = {}, {}, {}
+    cond = condition_video_for(args.res, args.frame_num, device) if args.task == "i2v" else None
     for name in args.vae_dtypes.split(","):
         vae = random_vae(device, tiny, VAE_DTYPES[name])
+        if cond is not None:
+            out.setdefault("vae_encode", {})[name] = time_encode(vae, cond, name, latents, device)
         vae.decode([z[:, :2]])  # warm
         reset_peak(device)
         sync(device)
@@ -222,6 +241,9 @@ def run_stages(args):
             torch.cuda.empty_cache()
     first = out["vae"][next(iter(out["vae"]))]
     out["vae_decode_s"], out["vae_peak_gb"] = first["decode_s"], first["peak_gb"]
+    if cond is not None:
+        enc = out["vae_encode"][next(iter(out["vae_encode"]))]
+        out["vae_encode_s"], out["vae_encode_peak_gb"] = enc["encode_s"], enc["peak_gb"]
     if args.transfers:
         for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
             m = random_expert(device, dtype, tiny=tiny)
@@ -237,6 +259,35 @@ def run_stages(args):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return out
+
+
+def condition_video_for(res: str, frame_num: int, device) -> torch.Tensor:
+    """The I2V condition video [3, F, h, w] as WanI2V builds it: a 16:9 random picture of the --res size stretched
+    to the video's size (the reference's geometry), then F - 1 black frames."""
+    from wan.image_condition import condition_video, i2v_geometry, image_to_tensor, resize_first_frame
+
+    w, h = RESOLUTIONS[res]
+    geo = i2v_geometry(w, h, w * h)
+    first = resize_first_frame(image_to_tensor(random_image(w, h)), geo.height, geo.width)
+    return condition_video(first, frame_num, device)
+
+
+def time_encode(vae, video: torch.Tensor, name: str, latents: dict, device) -> dict:
+    """One timed encode of the condition video (after a 5-frame warm-up), its peak, and its error against the
+    fp32 encode when `name` is another dtype (`latents` collects each dtype's result)."""
+    vae.encode([video[:, :5]])  # warm: cuDNN plans for the chunk shapes
+    reset_peak(device)
+    sync(device)
+    t0 = time.perf_counter()
+    latent = vae.encode([video])[0]
+    sync(device)
+    entry = {"encode_s": time.perf_counter() - t0, **peak_gb(device)}
+    latents[name] = latent.float().cpu()
+    if name != "fp32" and "fp32" in latents:
+        d = (latents[name].double() - latents["fp32"].double()).abs()
+        entry["max_abs_vs_fp32"] = d.max().item()
+        entry["rel_vs_fp32"] = (d.norm() / latents["fp32"].double().norm()).item()
+    return entry
 
 
 def run_peer(args):
@@ -295,19 +346,23 @@ def run_full(args):
     opts = RuntimeOptions(**json.loads(args.options))
     lora = {}
     if args.lora_rank:
-        from wan.configs.model_config import A14B, TINY
+        from benchmarks.random_models import arch_for
         from wan.testing.random_lora import write_random_lora_dir
 
-        folder = write_random_lora_dir(Path(tempfile.mkdtemp()) / "lora", TINY if args.res == "tiny" else A14B,
+        folder = write_random_lora_dir(Path(tempfile.mkdtemp()) / "lora", arch_for(args.task, args.res == "tiny"),
                                        rank=args.lora_rank)
         lora = dict(lora_dir=str(folder))
     t0 = time.perf_counter()
     w, h = RESOLUTIONS[args.res]
-    pipe = random_pipeline(opts, device, tiny=args.res == "tiny", n_experts=2, with_text=True,
+    pipe = random_pipeline(opts, device, tiny=args.res == "tiny", n_experts=2, with_text=True, task=args.task,
                            plan_for=(w, h, args.frame_num), **lora)
     build_s = time.perf_counter() - t0
-    gen = dict(size=(w, h), frame_num=args.frame_num, shift=args.shift, sample_solver=args.solver,
+    gen = dict(frame_num=args.frame_num, shift=args.shift, sample_solver=args.solver,
                sampling_steps=args.sampling_steps, guide_scale=tuple(args.guide), seed=42)
+    if args.task == "i2v":  # a 16:9 first frame of the --res size at that area: the t2v size and token count
+        gen.update(img=random_image(w, h), max_area=w * h)
+    else:
+        gen.update(size=(w, h))
     prompt = "Two anthropomorphic cats in comfy boxing gear fight on a spotlighted stage."
     runs = []
     for i in range(1 + args.repeat):  # run 0: the first video of the process (compile, autotuning included)
@@ -320,7 +375,8 @@ def run_full(args):
         runs.append(dict(total_s=time.perf_counter() - t0, stages=dict(res.timings), **peak_gb(device),
                          expert_trace=res.expert_trace, gpu=gpu_state(device), first=i == 0))
     steady = [r["total_s"] for r in runs[1:]] or [runs[0]["total_s"]]
-    out = dict(kind="full", res=args.res, options=pipe.options.changed(), backends=pipe.last_result.backends,
+    out = dict(kind="full", res=args.res, task=args.task, options=pipe.options.changed(),
+               backends=pipe.last_result.backends,
                memory_plan=pipe.memory_plan.describe() if pipe.memory_plan else None, allocator=pipe.allocator,
                placement=pipe.placement.describe(),
                build_s=build_s, load_timings=pipe.load_timings, sampling_steps=args.sampling_steps,
@@ -350,6 +406,8 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("what", choices=["row", "stages", "peer", "full"])
     p.add_argument("--res", default="480p", choices=list(RESOLUTIONS))
+    p.add_argument("--task", default="t2v", choices=TASKS,
+                   help="t2v, or i2v: the image-to-video pipeline (36-channel experts, the condition y)")
     p.add_argument("--frame_num", type=int, default=81)
     p.add_argument("--options", default="{}", help="RuntimeOptions fields as JSON")
     p.add_argument("--steps", type=int, default=3, help="timed denoising steps (row) or timed forwards (peer)")
@@ -373,6 +431,8 @@ def main(argv=None):
     p.add_argument("--vae_dtypes", default="fp32", help="stages: VAE decode dtypes, e.g. fp32,bf16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if args.what == "peer" and args.task != "t2v":
+        p.error("peer (diffusers' transformer) is measured for t2v only")
     dist = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: multi-GPU rows (Ulysses / CFG parallel)
         from wan.distributed.setup import init_distributed
