@@ -24,7 +24,8 @@ PROMPT, NEG = "a cat boxing on a stage under bright light", "static, blurry"
 AREA = 64 * 64
 GEN = dict(max_area=AREA, frame_num=5, shift=5.0, sample_solver="unipc", sampling_steps=4, guide_scale=(3.0, 4.5),
            seed=11)
-CALL_FAST = dict(batched_cfg=True, tf32=True, fast_time_embedding=True, fast_rope=True, attn_backend="math")
+CALL_FAST = dict(batched_cfg=True, tf32=True, fast_time_embedding=True, fast_rope=True, attn_backend="math",
+                 fast_encode=True)
 
 
 def image(w=50, h=30, seed=0):
@@ -150,6 +151,14 @@ def test_each_switch_keeps_the_video(tiny_i2v_pipe, original, flags):
     assert trace == original[2] and original[1].abs().mean() > 0.1
     assert rel(latent, original[1]) < 1e-5, rel(latent, original[1])
     assert (video - original[0]).abs().max() < 1e-4
+
+
+def test_fast_encode_is_bit_for_bit_and_recorded(tiny_i2v_pipe, original):
+    video, latent, _ = generate(tiny_i2v_pipe, RuntimeOptions(fast_encode=True))
+    assert torch.equal(latent, original[1]) and torch.equal(video, original[0])
+    assert tiny_i2v_pipe.last_result.backends["vae_encode"].startswith("reuses repeated layers")
+    generate(tiny_i2v_pipe, sampling_steps=1)
+    assert tiny_i2v_pipe.last_result.backends["vae_encode"] == "every chunk, every layer (reference)"
 
 
 def test_ab_in_one_process_equals_fresh_pipelines(tiny_i2v_ckpt):

@@ -52,9 +52,16 @@ class WanI2V(WanPipeline):
         """y [4 + z, F', lat_h, lat_w] on the device: the first-frame mask, then the VAE latent (fp32, normalised)
         of [the image stretched to (h, w), F - 1 black frames]. `image`: [3, H, W] in [-1, 1]."""
         first = resize_first_frame(image, geo.height, geo.width)
-        latent = self.vae.encode([condition_video(first, frame_num, self.device)])[0]
+        video = condition_video(first, frame_num, self.device)
+        latent = self.vae.encode([video], reuse_repeats=self.call_options.fast_encode)[0]
         mask = first_frame_mask(frame_num, geo.lat_h, geo.lat_w, self.device)
         return torch.cat([mask, latent.to(self.device)])
+
+    def backends(self, guidance: dict | None = None) -> dict:
+        out = super().backends(guidance)
+        out["vae_encode"] = ("reuses repeated layers (fast_encode)" if self.call_options.fast_encode
+                             else "every chunk, every layer (reference)")
+        return out
 
     def _generate(self, prompt, image, geo, frame_num, shift, solver, steps, guide, guidance, n_prompt, seed, opts,
                   return_latents):
