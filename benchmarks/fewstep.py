@@ -154,6 +154,10 @@ def markdown(record: dict) -> str:
                                              "(the condition's latent)")
             lines.append(f"| VAE encode of the condition, {name} | {v['encode_s']:.2f} | | | {v['peak_gb']:.1f} / "
                          f"{v['peak_reserved_gb']:.1f} | {err} |")
+            if "reuse_encode_s" in v:
+                same = "bit for bit the plain encode" if v["reuse_equal"] else "DIFFERS from the plain encode"
+                lines.append(f"| VAE encode of the condition, {name}, --fast_encode | {v['reuse_encode_s']:.2f} | | | "
+                             f"{v['reuse_peak_gb']:.1f} / {v['reuse_peak_reserved_gb']:.1f} | {same} |")
     return "\n".join(lines)
 
 

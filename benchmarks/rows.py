@@ -273,16 +273,22 @@ def condition_video_for(res: str, frame_num: int, device) -> torch.Tensor:
 
 
 def time_encode(vae, video: torch.Tensor, name: str, latents: dict, device) -> dict:
-    """One timed encode of the condition video (after a 5-frame warm-up), its peak, and its error against the
-    fp32 encode when `name` is another dtype (`latents` collects each dtype's result)."""
+    """The condition video's encode timed twice after a 5-frame warm-up: the plain one (the reference's) and the one
+    reusing repeated layers (--fast_encode), with their peaks, whether the two latents are equal bit for bit, and
+    the error against the fp32 encode when `name` is another dtype (`latents` collects each dtype's result)."""
     vae.encode([video[:, :5]])  # warm: cuDNN plans for the chunk shapes
-    reset_peak(device)
-    sync(device)
-    t0 = time.perf_counter()
-    latent = vae.encode([video])[0]
-    sync(device)
-    entry = {"encode_s": time.perf_counter() - t0, **peak_gb(device)}
-    latents[name] = latent.float().cpu()
+    entry, out = {}, {}
+    for key, reuse in (("", False), ("reuse_", True)):
+        reset_peak(device)
+        sync(device)
+        t0 = time.perf_counter()
+        out[key] = vae.encode([video], reuse_repeats=reuse)[0]
+        sync(device)
+        peak = peak_gb(device)
+        entry.update({f"{key}encode_s": time.perf_counter() - t0, f"{key}peak_gb": peak["peak_gb"],
+                      f"{key}peak_reserved_gb": peak["peak_reserved_gb"]})
+    entry["reuse_equal"] = torch.equal(out["reuse_"], out[""])
+    latents[name] = out[""].float().cpu()
     if name != "fp32" and "fp32" in latents:
         d = (latents[name].double() - latents["fp32"].double()).abs()
         entry["max_abs_vs_fp32"] = d.max().item()

@@ -268,6 +268,8 @@ CASES = [
     Case("i2v-image-float", lambda e: i2v(e, image=_png(e, "f.tiff", 40, 40, mode="F")), 2, "floating-point"),
     Case("i2v-extreme-aspect", lambda e: i2v(e, image=_png(e, "strip.png", 4000, 16)), 2, "crop the image"),
     Case("t2v-with-image", lambda e: std(e, "--image", _png(e, "a.png")), 2, "generates from text only", True),
+    Case("i2v-with-a-t2v-checkpoint", lambda e: i2v(e, image=_png(e, "a.png"))[:2] + ["--ckpt_dir", str(e.ckpt)]
+         + i2v(e, image=e.tmp / "a.png")[4:], 1, "in_dim=16 (expected 36)"),
     Case("image-file-without-prompt-file", lambda e: i2v(e, "--image_file", _write(e, "i.txt", "a.png\n")), 2,
          "pass --prompt_file too"),
     Case("image-and-image-file", lambda e: i2v_batch(e, "a cat\n", "a.png\n", "--image", _png(e, "a.png")), 2,

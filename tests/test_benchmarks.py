@@ -180,3 +180,4 @@ def test_stages_time_the_condition_encode_in_fp32_and_bf16(capsys):
     text = fewstep.markdown({"env": {"torch": "x", "git_commit": "y"}, "task": "i2v", "res": "tiny", "frame_num": 5,
                              "stages": st})
     assert "VAE encode of the condition, bf16" in text and "rel" in text
+    assert enc["fp32"]["reuse_equal"] and enc["bf16"]["reuse_equal"] and "fp32, --fast_encode" in text

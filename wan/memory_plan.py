@@ -36,7 +36,9 @@ VAE_BANDED_FRACTION = {"fp32": 0.30, "bf16": 0.31}
 # The I2V condition's encode (input video included): live-tensor counts of the 720p x 81 encode
 # (benchmarks/results/cpu_{720,480}p_vae_encode_counts.json: 186.3 / 98.0 bytes per pixel in fp32 / bf16, the same at
 # 480p), times the whole-frame decode's measured-over-counted ratio (300 / 252.7 = 1.19 in fp32, 150 / 131.2 = 1.14 in
-# bf16) for allocator slack and workspaces, rounded up. An estimate: not yet measured on a GPU.
+# bf16) for allocator slack and workspaces, rounded up. An estimate: not yet measured on a GPU. --fast_encode holds a
+# little more (one layer's old cache slots until compared, and the reused prefix's output: at 720p fp32 at most about
+# 2.8 GB, from the shapes), not counted here; tests/test_gpu_vae.py records both peaks.
 VAE_ENCODE_BYTES_PER_PIXEL = {"fp32": 225.0, "bf16": 115.0}
 # Block streaming also streams T5 by layers (wan/placement.py): 2 slots of one of umt5-xxl's 24 equal blocks, which
 # hold 81.6% of its weights (the token embedding, 256,384 x 4,096, stays on the host): 2 x 0.816 / 24 of T5's bytes.
