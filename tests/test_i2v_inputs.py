@@ -137,26 +137,25 @@ def test_encode_matches_the_independent_encoder_bit_for_bit(tiny_vae, frames, hw
         assert (ours[:, 1:] - black[:, 1:]).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("frames", [1, 5, 17, 45])
+@pytest.mark.parametrize("frames", [5, 45])
 def test_encode_reusing_repeated_chunks_is_bit_for_bit(tiny_vae, frames):
     """vae_encode.encode_mean (what fast_encode runs): the plain encode's latent, torch.equal, with fewer layers run
     once the black frames' inputs repeat; a video without repeats runs every layer."""
     from wan.modules.vae_encode import encode_mean
 
     vae = tiny_vae[0]
-    video = condition_video(resize_first_frame(image_to_tensor(_image(40, 30, seed=frames)), 16, 24), frames)
+    video = condition_video(resize_first_frame(image_to_tensor(_image(40, 30, seed=frames)), 16, 16), frames)
     stats = {}
     with torch.no_grad():
         plain = vae.model.encode(video[None]).latent_dist.mode()
         reused = encode_mean(vae.model, video[None], stats)
     assert torch.equal(reused, plain) and stats["chunks"] == (frames - 1) // 4 + 1
-    if frames >= 17:  # chunks 0-2 run every layer; then the settled prefix grows (at 81 frames: 14 -> 2 of 14)
-        assert stats["computed"][:3] == [stats["layers"]] * 3 and stats["computed"][-1] < stats["layers"]
-    if frames >= 45:
-        assert stats["computed"][-1] < stats["layers"] // 2
-    assert torch.equal(vae.encode([video], reuse_repeats=True)[0], vae.encode([video])[0])
-    noisy = torch.rand(1, 3, 9, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    stats = {}
-    with torch.no_grad():
-        assert torch.equal(encode_mean(vae.model, noisy, stats), vae.model.encode(noisy).latent_dist.mode())
-    assert stats["computed"] == [stats["layers"]] * 3
+    if frames == 5:  # through the wrapper (normalised), and a video without repeats runs every layer
+        assert torch.equal(vae.encode([video], reuse_repeats=True)[0], vae.encode([video])[0])
+        noisy = torch.rand(1, 3, 9, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        stats = {}
+        with torch.no_grad():
+            assert torch.equal(encode_mean(vae.model, noisy, stats), vae.model.encode(noisy).latent_dist.mode())
+        assert stats["computed"] == [stats["layers"]] * 3
+    else:  # chunks 0-2 run every layer; then the settled prefix grows (at 81 frames 14 -> 2 of the 14 layers)
+        assert stats["computed"][:3] == [stats["layers"]] * 3 and stats["computed"][-1] < stats["layers"] // 2
