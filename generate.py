@@ -1,7 +1,8 @@
 """Command line: python generate.py --task t2v-A14B --ckpt_dir ./Wan2.2-T2V-A14B --prompt "..." [--fast]
+              python generate.py --task i2v-A14B --ckpt_dir ./Wan2.2-I2V-A14B --image first.jpg --prompt "..."
 
-Also: --task t2v-tiny (a built-in random model, runs on a CPU in under a minute; its video is noise), and batch mode
-(--prompt_file FILE --save_dir DIR: the models load once, one video per prompt).
+Also: --task t2v-tiny / i2v-tiny (built-in random models, run on a CPU in under a minute; their videos are noise),
+and batch mode (--prompt_file FILE [--image_file FILE] --save_dir DIR: the models load once, one video per prompt).
 
 Exit codes: 0 done; 1 a run-time error (a bad checkpoint file, a failed write, some batch prompts failed);
 2 bad input knowable up front (flags, paths, output targets, device); 3 out of memory; 130 / 143 SIGINT / SIGTERM.
@@ -152,19 +153,19 @@ def _fast_budget(args, cfg, device, ckpt_dir):
     the options change only where the resident run would not fit."""
     import torch
 
-    from wan.cli import size_tuple
+    from wan.cli import plan_size
     from wan.memory_plan import fast_budget, plan_inputs, t5_weight_bytes
 
     free = torch.cuda.mem_get_info(device)[0] / 1e9
     t5_bytes = t5_weight_bytes(Path(ckpt_dir) / cfg.t5_checkpoint)
-    kw = plan_inputs(cfg, args.options, (*size_tuple(args.size), args.frame_num), t5_bytes)
+    kw = plan_inputs(cfg, args.options, (*plan_size(args), args.frame_num), t5_bytes)
     options, line = fast_budget(args.options, free, **kw)
     log.info(line)
     return options
 
 
 def _run(argv, state: RunState) -> int:
-    from wan.cli import build_parser, guide_scale, size_tuple, validate_args
+    from wan.cli import build_parser, guide_scale, plan_size, size_tuple, validate_args
     from wan.preflight import check_checkpoint, check_lora_file, check_tiny_dir
 
     args = build_parser().parse_args(argv)
@@ -178,11 +179,15 @@ def _run(argv, state: RunState) -> int:
     cfg = WAN_CONFIGS[args.task]
     jobs = _plan(args)  # output preflight: before minutes of loading and generating
     state.total = len(jobs)
-    tiny, checked = args.task == "t2v-tiny", True
+    for prompt, _ in jobs:
+        if prompt.video_size is not None:  # i2v: the size follows each image
+            log.info("%svideo %dx%d, %d frames, from %s", f"line {prompt.lineno}: " if prompt.lineno else "",
+                     *prompt.video_size, args.frame_num, prompt.image)
+    tiny, checked = not cfg.needs_ckpt_dir, True
     if tiny:
         from wan.testing.tiny import MARKER, default_tiny_dir
 
-        tiny_dir = Path(args.ckpt_dir or default_tiny_dir())
+        tiny_dir = Path(args.ckpt_dir or default_tiny_dir(args.task))
         check_tiny_dir(tiny_dir)
         checked = (tiny_dir / MARKER).is_file()  # written already: check it now, else once it is written
         if checked:
@@ -198,6 +203,7 @@ def _run(argv, state: RunState) -> int:
     state.preflight = False
 
     from wan.distributed.setup import init_distributed
+    from wan.image2video import WanI2V
     from wan.text2video import WanT2V
 
     if args.fast:
@@ -207,7 +213,7 @@ def _run(argv, state: RunState) -> int:
         if tiny:
             from wan.testing.tiny import ensure_tiny_checkpoint
 
-            ckpt_dir = ensure_tiny_checkpoint(args.ckpt_dir)
+            ckpt_dir = ensure_tiny_checkpoint(args.ckpt_dir, task=args.task)
             if not checked:
                 check_checkpoint(cfg, ckpt_dir)
         else:
@@ -218,9 +224,10 @@ def _run(argv, state: RunState) -> int:
                  args.size, args.frame_num, args.sample_steps, args.sample_shift, args.sample_solver,
                  dist.world_size, args.options.changed() or "original path")
         t_load = time.perf_counter()
-        pipe = WanT2V(cfg, ckpt_dir, device_id=dist.local_rank, rank=dist.rank, device=dist.device,
-                      options=args.options, lora_high=args.lora_high, lora_low=args.lora_low,
-                      lora_strength=args.lora_strength, plan_for=(*size_tuple(args.size), args.frame_num))
+        pipeline = WanI2V if cfg.takes_image else WanT2V
+        pipe = pipeline(cfg, ckpt_dir, device_id=dist.local_rank, rank=dist.rank, device=dist.device,
+                        options=args.options, lora_high=args.lora_high, lora_low=args.lora_low,
+                        lora_strength=args.lora_strength, plan_for=(*plan_size(args), args.frame_num))
         load_s = time.perf_counter() - t_load
         failed = _generate_all(args, cfg, pipe, dist, jobs, state, guide_scale(args, cfg), size_tuple(args.size))
     finally:
@@ -249,9 +256,16 @@ def _generate_all(args, cfg, pipe, dist, jobs, state: RunState, guide, size) -> 
         where = f"[{i}/{len(jobs)}] line {prompt.lineno}" if batch else "video"
         try:
             seed = dist.broadcast_seed(args.base_seed)
-            video = pipe.generate(prompt.text, size=size, frame_num=args.frame_num, shift=args.sample_shift,
-                                  sample_solver=args.sample_solver, sampling_steps=args.sample_steps,
-                                  guide_scale=guide, seed=seed)
+            sampling = dict(frame_num=args.frame_num, shift=args.sample_shift, sample_solver=args.sample_solver,
+                            sampling_steps=args.sample_steps, guide_scale=guide, seed=seed)
+            if prompt.image is not None:  # i2v: the checked image, read again (only its size was kept)
+                from wan.configs import MAX_AREA_CONFIGS
+                from wan.utils.image import load_image
+
+                video = pipe.generate(prompt.text, load_image(prompt.image).image,
+                                      max_area=MAX_AREA_CONFIGS[args.size], **sampling)
+            else:
+                video = pipe.generate(prompt.text, size=size, **sampling)
             if dist.rank == 0:
                 log.info("%s: writing %s", where, path)
                 save_video(video, path, fps=cfg.sample_fps, overwrite=args.overwrite)

@@ -13,6 +13,11 @@
 
     python -m benchmarks.fewstep --res 720p --skip row,stages --options '{... "vae_dtype": "bf16"}' \
         --variant 'fp8 all + flash3_fp8={"fp8_linear": "all", "attn_backend": "flash3_fp8"}'
+
+`--task i2v` runs the same rows with the image-to-video pipeline (the Lightning I2V LoRA layout, a 16:9 first frame
+of the --res size: the t2v token count); its stages row adds the VAE encode of the condition (fp32 and bf16):
+
+    python -m benchmarks.fewstep --task i2v --res 720p --out benchmarks/results/h100_720p_i2v_fewstep.json
 Random weights bound timing and numerics, not quality: the quality of a few-step video depends on the LoRA.
 """
 from __future__ import annotations
@@ -24,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.random_models import TASKS
 from benchmarks.waterfall import environment, finish, projection, run_child
 from wan.options import FAST_PRESET
 
@@ -33,6 +39,7 @@ DISTILLED = dict(solver="euler", sampling_steps=4, shift=5.0, guide=(1.0, 1.0))
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--res", default="720p", choices=["480p", "720p", "tiny"])
+    p.add_argument("--task", default="t2v", choices=TASKS, help="t2v, or i2v (the image-to-video pipeline)")
     p.add_argument("--frame_num", type=int, default=81)
     p.add_argument("--steps", type=int, default=3, help="timed steps of the 40-step row")
     p.add_argument("--repeat", type=int, default=2, help="steady few-step videos after the first")
@@ -50,9 +57,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     left = lambda: args.deadline - (time.perf_counter() - t0)  # noqa: E731
-    common = ["--res", args.res, "--frame_num", str(args.frame_num)]
+    common = ["--res", args.res, "--frame_num", str(args.frame_num), "--task", args.task]
     skip = set(args.skip.split(",")) - {""}
-    record = {"env": environment(), "res": args.res, "frame_num": args.frame_num, "options": json.loads(args.options)}
+    record = {"env": environment(), "task": args.task, "res": args.res, "frame_num": args.frame_num,
+              "options": json.loads(args.options)}
     if "stages" not in skip:
         record["stages"] = run_child([*common, "stages", "--vae_dtypes", "fp32,bf16"], left())
         print(f"[{time.perf_counter() - t0:5.0f} s] stages: {json.dumps(record['stages'])[:300]}", flush=True)
@@ -117,7 +125,8 @@ def _fewstep_line(name: str, few: dict) -> str:
 
 def markdown(record: dict) -> str:
     env = record["env"]
-    lines = [f"### {env.get('gpu', 'cpu')}, {record['res']}, {record['frame_num']} frames, torch {env['torch']}, "
+    task = "image-to-video, " if record.get("task") == "i2v" else ""
+    lines = [f"### {env.get('gpu', 'cpu')}, {task}{record['res']}, {record['frame_num']} frames, torch {env['torch']}, "
              f"commit {env['git_commit']}", "| row | seconds per video | per forward | forwards | peak GB "
              "(allocated / reserved) | notes |", "|---|---|---|---|---|---|"]
     row = record.get("row_40_steps")
@@ -143,6 +152,16 @@ def markdown(record: dict) -> str:
                                              "vs fp32")
             lines.append(f"| VAE decode {name} | {v['decode_s']:.2f} | | | {v['peak_gb']:.1f} / "
                          f"{v['peak_reserved_gb']:.1f} | {err} |")
+    if st and "error" not in st:
+        for name, v in st.get("vae_encode", {}).items():
+            err = "" if name == "fp32" else (f"max abs {v['max_abs_vs_fp32']:.1e}, rel {v['rel_vs_fp32']:.1e} vs fp32 "
+                                             "(the condition's latent)")
+            lines.append(f"| VAE encode of the condition, {name} | {v['encode_s']:.2f} | | | {v['peak_gb']:.1f} / "
+                         f"{v['peak_reserved_gb']:.1f} | {err} |")
+            if "reuse_encode_s" in v:
+                same = "bit for bit the plain encode" if v["reuse_equal"] else "DIFFERS from the plain encode"
+                lines.append(f"| VAE encode of the condition, {name}, --fast_encode | {v['reuse_encode_s']:.2f} | | | "
+                             f"{v['reuse_peak_gb']:.1f} / {v['reuse_peak_reserved_gb']:.1f} | {same} |")
     return "\n".join(lines)
 
 

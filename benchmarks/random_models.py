@@ -10,19 +10,24 @@ from pathlib import Path
 
 import torch
 
-from wan.configs.model_config import A14B, TINY
+from wan.configs.model_config import A14B, A14B_I2V, TINY, TINY_I2V
 from wan.modules.model import WanModel
 from wan.testing.random_init import materialize_random_
 
 RESOLUTIONS = {"480p": (832, 480), "720p": (1280, 720), "tiny": (64, 64)}
+TASKS = ("t2v", "i2v")  # --task of the benchmarks: text-to-video, or image-to-video (36-channel experts, condition y)
+
+
+def arch_for(task: str = "t2v", tiny: bool = False):
+    return {("t2v", False): A14B, ("t2v", True): TINY, ("i2v", False): A14B_I2V, ("i2v", True): TINY_I2V}[task, tiny]
 
 
 @torch.no_grad()
-def random_expert(device, dtype: torch.dtype, seed: int = 0, tiny: bool = False) -> WanModel:
+def random_expert(device, dtype: torch.dtype, seed: int = 0, tiny: bool = False, task: str = "t2v") -> WanModel:
     """One expert on `device` with seeded N(0, 1/fan_in) matrices, drawn in fp32 per tensor, stored in `dtype`
-    (built in `dtype`: never a whole fp32 copy on the device)."""
+    (built in `dtype`: never a whole fp32 copy on the device); `task` i2v: the 36-input-channel expert."""
     with torch.device("meta"):
-        model = WanModel.from_config(TINY if tiny else A14B)
+        model = WanModel.from_config(arch_for(task, tiny))
     model = materialize_random_(model, device, dtype, seed)
     return model.configure().eval().requires_grad_(False)
 
@@ -66,19 +71,32 @@ def random_vae(device, tiny: bool = False, dtype: torch.dtype = torch.float32):
     return Wan2_1_VAE(vae_pth=str(path), dtype=dtype, device=device)
 
 
-def random_pipeline(options, device, tiny: bool = False, n_experts: int = 2, with_text: bool = True, **kw):
-    """WanT2V over random models. n_experts=1 shares one expert for both noise levels (for per-forward timing).
-    `kw`: WanT2V's lora_high=, lora_low=, lora_dir=, lora_strength= (merged into the experts as the real loader
-    would) and plan_for=(width, height, frames) for options.max_gpu_memory."""
+def random_pipeline(options, device, tiny: bool = False, n_experts: int = 2, with_text: bool = True,
+                    task: str = "t2v", **kw):
+    """WanT2V (task t2v) or WanI2V (task i2v) over random models. n_experts=1 shares one expert for both noise
+    levels (for per-forward timing). `kw`: the pipeline's lora_high=, lora_low=, lora_dir=, lora_strength= (merged
+    into the experts as the real loader would) and plan_for=(width, height, frames) for options.max_gpu_memory."""
     from wan.configs import WAN_CONFIGS
+    from wan.image2video import WanI2V
     from wan.modules.vae import VAE_DTYPES
     from wan.text2video import WanT2V
 
     dtype = torch.bfloat16 if options.convert_model_dtype and torch.device(device).type == "cuda" else torch.float32
-    high = random_expert(device, dtype, seed=0, tiny=tiny)
-    low = high if n_experts == 1 else random_expert(device, dtype, seed=1, tiny=tiny)
+    high = random_expert(device, dtype, seed=0, tiny=tiny, task=task)
+    low = high if n_experts == 1 else random_expert(device, dtype, seed=1, tiny=tiny, task=task)
     comps = dict(text_encoder=random_t5(device, tiny) if with_text else None,
                  vae=random_vae(device, tiny, VAE_DTYPES[options.vae_dtype]) if with_text else None,
                  low_noise_model=low, high_noise_model=high)
-    cfg = WAN_CONFIGS["t2v-tiny" if tiny else "t2v-A14B"]
-    return WanT2V(cfg, None, device=device, options=options, components=comps, **kw)
+    cfg = WAN_CONFIGS[f"{task}-tiny" if tiny else f"{task}-A14B"]
+    return (WanI2V if task == "i2v" else WanT2V)(cfg, None, device=device, options=options, components=comps, **kw)
+
+
+def random_image(width: int, height: int, seed: int = 0):
+    """A smooth random RGB picture (PIL) of this size: the first frame of the I2V benchmarks."""
+    import numpy as np
+    from PIL import Image
+
+    g = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([np.sin(xx / (40 + 9 * c) + c) * np.cos(yy / (30 + 7 * c)) for c in range(3)], -1) * 90 + 128
+    return Image.fromarray(np.clip(base + g.normal(0, 12, base.shape), 0, 255).astype(np.uint8))

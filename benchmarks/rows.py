@@ -2,9 +2,12 @@
 
 row:    k denoising steps of the real pipeline loop (WanT2V.sample) with given options; seconds per forward,
         peak memory, backend used, and the difference to a reference latent / noise prediction if given.
-stages: text encoding, VAE decode and expert CPU<->GPU transfers (what the offloading original path pays).
+stages: text encoding, VAE decode and expert CPU<->GPU transfers (what the offloading original path pays); with
+        --task i2v also the VAE encode of the condition (the image and F - 1 black frames).
 peer:   diffusers' WanTransformer3DModel forward at the same size, bf16.
 full:   one whole generation (T5 -> 40 steps -> VAE) with both experts, to check the projection.
+--task i2v: the same with the image-to-video pipeline (WanI2V: 36-channel experts, the condition y with every
+forward) at the same token count (the first frame is a 16:9 picture of the --res size).
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ import torch
 
 from benchmarks.emulate import ENV as EMULATE_ENV
 from benchmarks.emulate import emulate_card
-from benchmarks.random_models import RESOLUTIONS, random_expert, random_pipeline, random_t5, random_vae
+from benchmarks.random_models import (RESOLUTIONS, TASKS, random_expert, random_image, random_pipeline, random_t5,
+                                      random_vae)
 from wan.memory_plan import bound_allocator
 from wan.modules.vae import VAE_DTYPES
 from wan.options import RuntimeOptions
@@ -69,6 +73,16 @@ def inputs(res, device, frame_num=81):
     return noise, [ctx[0]], [ctx[1]], seq_len
 
 
+def condition(res, device, frame_num=81) -> torch.Tensor:
+    """An I2V condition y [20, F', h/8, w/8]: the first-frame mask and a seeded N(0, 1) stand-in for the image
+    latent (the DiT's cost does not depend on its values; every row of a run gets the same one)."""
+    from wan.image_condition import first_frame_mask
+
+    (_, f, h, w), _ = geometry(res, frame_num)
+    latent = torch.randn(16, f, h, w, device=device, generator=torch.Generator(device=device).manual_seed(43))
+    return torch.cat([first_frame_mask(frame_num, h, w, device), latent])
+
+
 def peak_gb(device) -> dict:
     if torch.device(device).type != "cuda":
         return {"peak_gb": 0.0, "peak_reserved_gb": 0.0}
@@ -88,7 +102,7 @@ def run_row(args):
     opts = RuntimeOptions(**json.loads(args.options))
     t0 = time.perf_counter()
     experts = args.experts or (1 if opts.offload_model is not False else 2)
-    pipe = random_pipeline(opts, device, tiny=args.res == "tiny", n_experts=experts, with_text=False)
+    pipe = random_pipeline(opts, device, tiny=args.res == "tiny", n_experts=experts, with_text=False, task=args.task)
     build_s = time.perf_counter() - t0
     allocator = "default"
     if args.memory_cap_gb and device.type == "cuda":  # emulate a smaller card from here on (weights are placed)
@@ -98,6 +112,8 @@ def run_row(args):
     guide = (1.0, 1.0) if args.guidance_one else (3.0, 4.0)
     run = dict(context=ctx, context_null=ctx_null, seq_len=seq_len, sample_solver="unipc", sampling_steps=40,
                shift=12.0, guide=guide)
+    if args.task == "i2v":  # the condition joins every forward (the same 40-step schedule: the cost per forward)
+        run["y"] = condition(args.res, device, args.frame_num)
     t0 = time.perf_counter()
     pipe.sample(noise, max_steps=1, **run)  # warm-up at the real shape
     sync(device)
@@ -118,8 +134,8 @@ def run_row(args):
     per_step = statistics.median(step_s)
     forwards = 1 if args.guidance_one else 2
     model = pipe.high_noise_model
-    result = dict(kind="row", res=args.res, options=pipe.options.changed(), steps_timed=len(step_s), step_s=step_s,
-                  step_spread=spread(step_s), per_step_s=per_step, per_forward_s=per_step / forwards,
+    result = dict(kind="row", res=args.res, task=args.task, options=pipe.options.changed(), steps_timed=len(step_s),
+                  step_s=step_s, step_spread=spread(step_s), per_step_s=per_step, per_forward_s=per_step / forwards,
                   forwards_per_step=forwards, seq_len=seq_len,
                   tflops=model.estimate_flops(seq_len) / (per_step / forwards) / 1e12, **peak_gb(device),
                   gpu=gpu, resident_experts=1 if pipe.low_noise_model is pipe.high_noise_model else 2,
@@ -202,9 +218,12 @@ def run_stages(args):
     del t5
     lat, _ = geometry(args.res, args.frame_num)
     z = torch.randn(*lat, device=device, generator=torch.Generator(device=device).manual_seed(3))
-    out["vae"], videos = {}, {}
+    out["vae"], videos, latents = {}, {}, {}
+    cond = condition_video_for(args.res, args.frame_num, device) if args.task == "i2v" else None
     for name in args.vae_dtypes.split(","):
         vae = random_vae(device, tiny, VAE_DTYPES[name])
+        if cond is not None:
+            out.setdefault("vae_encode", {})[name] = time_encode(vae, cond, name, latents, device)
         vae.decode([z[:, :2]])  # warm
         reset_peak(device)
         sync(device)
@@ -224,6 +243,9 @@ def run_stages(args):
             torch.cuda.empty_cache()
     first = out["vae"][next(iter(out["vae"]))]
     out["vae_decode_s"], out["vae_peak_gb"] = first["decode_s"], first["peak_gb"]
+    if cond is not None:
+        enc = out["vae_encode"][next(iter(out["vae_encode"]))]
+        out["vae_encode_s"], out["vae_encode_peak_gb"] = enc["encode_s"], enc["peak_gb"]
     if args.transfers:
         for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
             m = random_expert(device, dtype, tiny=tiny)
@@ -239,6 +261,41 @@ def run_stages(args):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return out
+
+
+def condition_video_for(res: str, frame_num: int, device) -> torch.Tensor:
+    """The I2V condition video [3, F, h, w] as WanI2V builds it: a 16:9 random picture of the --res size stretched
+    to the video's size (the reference's geometry), then F - 1 black frames."""
+    from wan.image_condition import condition_video, i2v_geometry, image_to_tensor, resize_first_frame
+
+    w, h = RESOLUTIONS[res]
+    geo = i2v_geometry(w, h, w * h)
+    first = resize_first_frame(image_to_tensor(random_image(w, h)), geo.height, geo.width)
+    return condition_video(first, frame_num, device)
+
+
+def time_encode(vae, video: torch.Tensor, name: str, latents: dict, device) -> dict:
+    """The condition video's encode timed twice after a 5-frame warm-up: the plain one (the reference's) and the one
+    reusing repeated layers (--fast_encode), with their peaks, whether the two latents are equal bit for bit, and
+    the error against the fp32 encode when `name` is another dtype (`latents` collects each dtype's result)."""
+    vae.encode([video[:, :5]])  # warm: cuDNN plans for the chunk shapes
+    entry, out = {}, {}
+    for key, reuse in (("", False), ("reuse_", True)):
+        reset_peak(device)
+        sync(device)
+        t0 = time.perf_counter()
+        out[key] = vae.encode([video], reuse_repeats=reuse)[0]
+        sync(device)
+        peak = peak_gb(device)
+        entry.update({f"{key}encode_s": time.perf_counter() - t0, f"{key}peak_gb": peak["peak_gb"],
+                      f"{key}peak_reserved_gb": peak["peak_reserved_gb"]})
+    entry["reuse_equal"] = torch.equal(out["reuse_"], out[""])
+    latents[name] = out[""].float().cpu()
+    if name != "fp32" and "fp32" in latents:
+        d = (latents[name].double() - latents["fp32"].double()).abs()
+        entry["max_abs_vs_fp32"] = d.max().item()
+        entry["rel_vs_fp32"] = (d.norm() / latents["fp32"].double().norm()).item()
+    return entry
 
 
 def run_peer(args):
@@ -297,24 +354,28 @@ def run_full(args):
     opts = RuntimeOptions(**json.loads(args.options))
     cli_plan = None
     if args.cli_plan:
-        opts, cli_plan = cli_fast_plan(opts, args.res, args.frame_num, device)
+        opts, cli_plan = cli_fast_plan(opts, args.res, args.frame_num, device, args.task)
     lora = {}
     if args.lora_rank:
-        from wan.configs.model_config import A14B, TINY
+        from benchmarks.random_models import arch_for
         from wan.testing.random_lora import write_random_lora_dir
 
-        folder = write_random_lora_dir(Path(tempfile.mkdtemp()) / "lora", TINY if args.res == "tiny" else A14B,
+        folder = write_random_lora_dir(Path(tempfile.mkdtemp()) / "lora", arch_for(args.task, args.res == "tiny"),
                                        rank=args.lora_rank)
         lora = dict(lora_dir=str(folder))
     t0 = time.perf_counter()
     w, h = RESOLUTIONS[args.res]
-    pipe = random_pipeline(opts, device, tiny=args.res == "tiny", n_experts=2, with_text=True,
+    pipe = random_pipeline(opts, device, tiny=args.res == "tiny", n_experts=2, with_text=True, task=args.task,
                            plan_for=(w, h, args.frame_num), **lora)
     build_s = time.perf_counter() - t0
     experts = (pipe.high_noise_model, pipe.low_noise_model)
     weights_gb = dict(high=gpu_weight_gb(experts[0]), low=gpu_weight_gb(experts[1]), both=gpu_weight_gb(*experts))
-    gen = dict(size=(w, h), frame_num=args.frame_num, shift=args.shift, sample_solver=args.solver,
+    gen = dict(frame_num=args.frame_num, shift=args.shift, sample_solver=args.solver,
                sampling_steps=args.sampling_steps, guide_scale=tuple(args.guide), seed=42)
+    if args.task == "i2v":  # a 16:9 first frame of the --res size at that area: the t2v size and token count
+        gen.update(img=random_image(w, h), max_area=w * h)
+    else:
+        gen.update(size=(w, h))
     prompt = "Two anthropomorphic cats in comfy boxing gear fight on a spotlighted stage."
     runs = []
     for i in range(1 + args.repeat):  # run 0: the first video of the process (compile, autotuning included)
@@ -327,7 +388,8 @@ def run_full(args):
         runs.append(dict(total_s=time.perf_counter() - t0, stages=dict(res.timings), **peak_gb(device),
                          expert_trace=res.expert_trace, gpu=gpu_state(device), first=i == 0))
     steady = [r["total_s"] for r in runs[1:]] or [runs[0]["total_s"]]
-    out = dict(kind="full", res=args.res, options=pipe.options.changed(), backends=pipe.last_result.backends,
+    out = dict(kind="full", res=args.res, task=args.task, options=pipe.options.changed(),
+               backends=pipe.last_result.backends,
                memory_plan=pipe.memory_plan.describe() if pipe.memory_plan else None, allocator=pipe.allocator,
                placement=pipe.placement.describe(), cli_plan=cli_plan, expert_weights_gb=weights_gb,
                build_s=build_s, load_timings=pipe.load_timings, sampling_steps=args.sampling_steps,
@@ -352,7 +414,8 @@ def gpu_weight_gb(*models) -> float:
     return sum(t.numel() * t.element_size() for t in tensors.values()) / 1e9
 
 
-def cli_fast_plan(opts: RuntimeOptions, res: str, frame_num: int, device) -> tuple[RuntimeOptions, dict]:
+def cli_fast_plan(opts: RuntimeOptions, res: str, frame_num: int, device, task: str = "t2v"
+                  ) -> tuple[RuntimeOptions, dict]:
     """The options generate.py runs `--fast` with on this card (one GPU, no placement flag): its own _fast_budget
     (wan.memory_plan.fast_budget on the free memory, before anything is built), for this size, with T5 at the
     umt5-xxl size (no checkpoint file). Returns them and what the CLI saw and logged."""
@@ -373,8 +436,8 @@ def cli_fast_plan(opts: RuntimeOptions, res: str, frame_num: int, device) -> tup
     log.setLevel(logging.INFO)
     try:
         free_gb = torch.cuda.mem_get_info(device)[0] / 1e9
-        planned = generate._fast_budget(cli_args, WAN_CONFIGS["t2v-tiny" if res == "tiny" else "t2v-A14B"], device,
-                                        Path(tempfile.mkdtemp()))
+        cfg = WAN_CONFIGS[f"{task}-tiny" if res == "tiny" else f"{task}-A14B"]
+        planned = generate._fast_budget(cli_args, cfg, device, Path(tempfile.mkdtemp()))
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
@@ -394,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()
     p.add_argument("what", choices=["row", "stages", "peer", "full"])
     p.add_argument("--res", default="480p", choices=list(RESOLUTIONS))
+    p.add_argument("--task", default="t2v", choices=TASKS,
+                   help="t2v, or i2v: the image-to-video pipeline (36-channel experts, the condition y)")
     p.add_argument("--frame_num", type=int, default=81)
     p.add_argument("--options", default="{}", help="RuntimeOptions fields as JSON")
     p.add_argument("--steps", type=int, default=3, help="timed denoising steps (row) or timed forwards (peer)")
@@ -422,7 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.what == "peer" and args.task != "t2v":
+        p.error("peer (diffusers' transformer) is measured for t2v only")
     emulated = emulate_card(torch.device(args.device)) if os.environ.get(EMULATE_ENV) else None
     dist = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: multi-GPU rows (Ulysses / CFG parallel)

@@ -1,6 +1,8 @@
-"""Live-tensor peak and work of the Wan 2.1 VAE decode, counted on CPU with no weights and no GPU.
+"""Live-tensor peak and work of the Wan 2.1 VAE decode (and, with --encode, of the I2V condition's encode), counted on
+CPU with no weights and no GPU.
 
     python -m benchmarks.vae_memory --size 1280x720 --frames 81 --dtype fp32,bf16 --out vae_memory.json
+    python -m benchmarks.vae_memory --encode --size 1280x720 --frames 81 --dtype fp32,bf16 --out vae_encode.json
 
 The full-size VAE (base_dim 96, z_dim 16) is built on the meta device, where every op runs on shapes only. A
 TorchDispatchMode sees each aten op's outputs and tracks their storages by weak reference: the peak is the largest
@@ -190,6 +192,22 @@ def measure(width: int, height: int, frames: int, dtype: str, order: str = "whol
     return rec
 
 
+def measure_encode(width: int, height: int, frames: int, dtype: str, fused_attention: bool = True, vae=None) -> dict:
+    """One encode of a [1, 3, frames, height, width] video (the I2V condition: the image, then black frames), the
+    input counted (the pipeline builds it on the device)."""
+    vae = meta_vae(DTYPES[dtype]) if vae is None else vae
+
+    def run():
+        x = torch.empty(1, 3, frames, height, width, dtype=DTYPES[dtype], device="meta")
+        return vae.encode(x).latent_dist.mode()
+
+    t0 = time.perf_counter()
+    rec = count(run, fused_attention)
+    rec.update(size=f"{width}x{height}", frames=frames, dtype=dtype, order="encode", split=None, bands=1,
+               peak_gib=rec["peak_bytes"] / GIB, seconds=time.perf_counter() - t0)
+    return rec
+
+
 def cases(orders, splits, bands):
     yield "whole", None, 1
     for order in orders:
@@ -225,6 +243,7 @@ def main(argv=None) -> int:
     p.add_argument("--splits", default="", help="comma-separated splits (default: each order's default)")
     p.add_argument("--bands", default="2,4,8", help="comma-separated band counts")
     p.add_argument("--math_attention", action="store_true", help="count the math attention path's score matrix")
+    p.add_argument("--encode", action="store_true", help="count the encode of a video of this size instead")
     p.add_argument("--out", help="write the records as JSON here")
     args = p.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
@@ -232,6 +251,20 @@ def main(argv=None) -> int:
         p.error("--size must be multiples of 8 and --frames 1 + 4k")
     orders = [o for o in args.orders.split(",") if o]
     records = []
+    if args.encode:
+        for dtype in args.dtype.split(","):
+            records.append(measure_encode(width, height, args.frames, dtype, not args.math_attention))
+            print(f"  {dtype} encode: {records[-1]['peak_gib']:.2f} GiB ({records[-1]['seconds']:.1f} s)",
+                  file=sys.stderr, flush=True)
+        print(f"{width}x{height}x{args.frames} encode, live-tensor peaks (input included; no weights, no allocator "
+              "slack, no workspaces)")
+        for r in records:
+            print(f"{r['dtype']:5}  encode  {r['peak_gib']:8.2f} GiB  {r['macs'] / 1e12:.1f} TMAC")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"size": args.size, "frames": args.frames, "fused_attention": not args.math_attention,
+                           "records": records}, f, indent=1)
+        return 0
     for dtype in args.dtype.split(","):
         vae = meta_vae(DTYPES[dtype])
         for order in ["whole", *orders]:

@@ -7,6 +7,14 @@ process, all in one run, with the peer (diffusers) and the stage costs, and a 40
 Projected video seconds = text encoding (T5 to GPU, two prompts, back) + 40 x measured step + expert offload
 transfers (original path only: 2 uploads + 2 downloads of one expert) + VAE decode. `--full` runs one whole
 generation of the last row's options and reports measured vs projected.
+
+`--task i2v` runs the rows with the image-to-video pipeline (36-channel experts, the condition y with every forward,
+a 16:9 first frame: the t2v token count; its stages add the condition's VAE encode); `--beside_t2v` adds the last
+row's options once more with the t2v pipeline, in the same run, for the I2V / T2V ratio per forward:
+
+    python -m benchmarks.waterfall --task i2v --res 720p --rows 1,8 --beside_t2v --stages \
+        --out benchmarks/results/h100_720p_i2v_waterfall.json
+(row 1: the reference's 80 GB recipe, bf16 experts offloaded; row 8: --fast.)
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ import time
 from pathlib import Path
 
 from benchmarks.emulate import ENV as EMULATE_ENV
+from benchmarks.random_models import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,12 +81,14 @@ def projection(row: dict, opts: dict, stages: dict | None) -> dict:
         # measured pageable one, so this still over-counts it)
         out["text_s"] = stages["t5_to_gpu_s"] + stages["t5_encode_s"] + (stages["t5_to_cpu_s"] if offload else 0.0)
         out["vae_s"] = stages["vae_decode_s"]
+        if "vae_encode_s" in stages:  # image-to-video: the condition's encode
+            out["encode_s"] = stages["vae_encode_s"]
         dtype = "bf16" if opts.get("convert_model_dtype") else "fp32"
         if offload and f"expert_{dtype}_to_gpu_s" in stages:
             out["offload_s"] = 2 * (stages[f"expert_{dtype}_to_gpu_s"] + stages[f"expert_{dtype}_to_cpu_s"])
         else:
             out["offload_s"] = 0.0
-        out["video_s"] = out["dit_s"] + out["text_s"] + out["vae_s"] + out["offload_s"]
+        out["video_s"] = out["dit_s"] + out["text_s"] + out["vae_s"] + out["offload_s"] + out.get("encode_s", 0.0)
     return out
 
 
@@ -119,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--res", default="480p", choices=["480p", "720p", "tiny"])
     p.add_argument("--frame_num", type=int, default=81)
+    p.add_argument("--task", default="t2v", choices=TASKS, help="t2v, or i2v (the image-to-video pipeline)")
+    p.add_argument("--beside_t2v", action="store_true",
+                   help="with --task i2v: the last row's options once more on the t2v pipeline (same tokens)")
     p.add_argument("--steps", type=int, default=3, help="timed denoising steps per row (median reported)")
     p.add_argument("--original_attn", default="cudnn", help="attention of the original-path row (sdpa on CPU)")
     p.add_argument("--rows", default="all", help="comma-separated row indices, or all")
@@ -133,13 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-
+    p = build_parser()
+    args = p.parse_args(argv)
     t_start = time.perf_counter()
     left = lambda: args.deadline - (time.perf_counter() - t_start)  # noqa: E731
+    if args.beside_t2v and args.task != "i2v":
+        p.error("--beside_t2v compares the i2v rows with t2v: add --task i2v")
     common = ["--res", args.res, "--frame_num", str(args.frame_num)]
     record = {"env": environment(), "res": args.res, "frame_num": args.frame_num, "steps_timed": args.steps,
               "rows": [], "stages": None, "peer": None, "full": None}
+    if args.task != "t2v":  # t2v records keep their old shape (benchmarks.report reads the committed ones)
+        record["task"] = args.task
+        common += ["--task", args.task]
     tmp = Path(tempfile.mkdtemp())
     ref = tmp / "original.pt"
     selected = range(len(WATERFALL)) if args.rows == "all" else [int(i) for i in args.rows.split(",")]
@@ -169,13 +188,25 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - t_start:6.0f} s] {label}: "
               + (row.get("error") or f"{row['per_forward_s']:.3f} s/forward"), flush=True)
 
+    if args.beside_t2v and record["rows"] and left() > 20:
+        last = record["rows"][-1]
+        t2v_common = [c for c in common if c not in ("--task", args.task)]
+        row = run_child([*t2v_common, "row", "--steps", str(args.steps), "--options", json.dumps(last["options"])],
+                        left())
+        row.update(label=f"t2v beside: {last['label']}", options=dict(last["options"]))
+        record["t2v_beside"] = row
+        print(f"[{time.perf_counter() - t_start:6.0f} s] t2v beside: "
+              + (row.get("error") or f"{row['per_forward_s']:.3f} s/forward"), flush=True)
+
     if args.stages and left() > 30:
         record["stages"] = run_child([*common, "stages", "--transfers"], left())
         print(f"[{time.perf_counter() - t_start:6.0f} s] stages: {record['stages']}", flush=True)
         for row in record["rows"]:
             if "error" not in row:
                 row["projection"] = projection(row, row["options"], record["stages"])
-    if args.peer and left() > 30:
+    if args.peer and args.task != "t2v":
+        print("peer: measured for t2v only; skipped", flush=True)
+    elif args.peer and left() > 30:
         record["peer"] = run_child([*common, "peer", "--steps", str(args.steps)], left())
         print(f"[{time.perf_counter() - t_start:6.0f} s] peer: {record['peer']}", flush=True)
     if args.full and left() > 60:
@@ -209,7 +240,8 @@ def finish(record: dict, out: str | None, table) -> None:
 def markdown(record: dict) -> str:
     rows = record["rows"]
     base = next((r for r in rows if "error" not in r), None)
-    lines = [f"### {record['env'].get('gpu', 'cpu')}, {record['res']}, {record['frame_num']} frames, torch "
+    task = "image-to-video, " if record.get("task") == "i2v" else ""
+    lines = [f"### {record['env'].get('gpu', 'cpu')}, {task}{record['res']}, {record['frame_num']} frames, torch "
              f"{record['env']['torch']}, commit {record['env']['git_commit']}",
              "| row | s / forward | TFLOP/s | projected video s | x vs original | x vs previous | peak GB | attention "
              "| pred rel diff | latent max / mean diff |", "|" + "---|" * 10]
@@ -233,6 +265,13 @@ def markdown(record: dict) -> str:
                      f"{r['peak_gb']:.1f} ({r['resident_experts']} expert{'s' if r['resident_experts'] > 1 else ''}) | "
                      f"{r['backend']} | {diff[0]} | {diff[1]} |")
         prev = r
+    beside = record.get("t2v_beside")
+    if beside and "error" not in beside and rows and "error" not in rows[-1]:
+        ratio = rows[-1]["per_forward_s"] / beside["per_forward_s"]
+        lines.append(f"| {beside['label']} | {beside['per_forward_s']:.3f} | {beside['tflops']:.0f} | | | | "
+                     f"{beside['peak_gb']:.1f} | {beside['backend']} | i2v / t2v per forward: {ratio:.3f} | |")
+    elif beside:
+        lines.append(f"| t2v beside | error: {beside.get('error', '?')[-150:]} |" + " |" * 8)
     peer = record.get("peer")
     if peer and "error" not in peer:
         lines.append(f"| peer: {peer['peer']} | {peer['per_forward_s']:.3f} | | | | | {peer['peak_gb']:.1f} | default "
@@ -242,7 +281,9 @@ def markdown(record: dict) -> str:
         lines.append(f"\nstages: T5 encode {st['t5_encode_s']:.2f} s (+{st['t5_to_gpu_s']:.2f} s up, "
                      f"{st['t5_to_cpu_s']:.2f} s down), VAE decode {st['vae_decode_s']:.2f} s "
                      f"({st['vae_peak_gb']:.1f} GB), expert upload bf16 {st.get('expert_bf16_to_gpu_s', 0):.1f} s / "
-                     f"fp32 {st.get('expert_fp32_to_gpu_s', 0):.1f} s")
+                     f"fp32 {st.get('expert_fp32_to_gpu_s', 0):.1f} s"
+                     + (f"; VAE encode of the condition {st['vae_encode_s']:.2f} s ({st['vae_encode_peak_gb']:.1f} GB)"
+                        if "vae_encode_s" in st else ""))
     full = record.get("full")
     if full and "error" not in full:
         run = full["runs"][-1]

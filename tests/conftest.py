@@ -1,5 +1,6 @@
-"""Shared fixtures: one tiny checkpoint folder in the official layout per test session; the `gpu` marker and the
-GPU tier's JSON report (WAN_GPU_REPORT=path: each test's outcome and the numbers it recorded); the `pinned` marker."""
+"""Shared fixtures: one tiny checkpoint folder in the official layout per test session and task (t2v, i2v); the
+`gpu` marker and the GPU tier's JSON report (WAN_GPU_REPORT=path: each test's outcome and the numbers it
+recorded); the `pinned` marker."""
 import json
 import os
 import sys
@@ -32,6 +33,21 @@ def tiny_pipe(tiny_ckpt):
     from wan.text2video import WanT2V
 
     return WanT2V(WAN_CONFIGS["t2v-tiny"], tiny_ckpt, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_i2v_ckpt(tmp_path_factory):
+    from wan.testing.tiny import ensure_tiny_checkpoint
+
+    return ensure_tiny_checkpoint(tmp_path_factory.mktemp("tiny_i2v") / "ckpt", task="i2v-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_i2v_pipe(tiny_i2v_ckpt):
+    from wan.configs import WAN_CONFIGS
+    from wan.image2video import WanI2V
+
+    return WanI2V(WAN_CONFIGS["i2v-tiny"], tiny_i2v_ckpt, device="cpu")
 
 
 _GPU_REPORT: dict = {}

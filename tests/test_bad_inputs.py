@@ -113,6 +113,45 @@ def _edit_json(p: Path, **changes) -> None:
     p.write_text(json.dumps(obj))
 
 
+def i2v(e: Env, *extra, image=None) -> list[str]:
+    """A valid, fast i2v-tiny command line with `image` as --image (None: no --image), plus `extra`."""
+    argv = ["--task", "i2v-tiny", "--ckpt_dir", str(e.tmp / "i2v_ckpt"), *FAST, "--prompt", "a cat boxing",
+            "--save_file", str(e.out)]
+    return argv + (["--image", str(image)] if image is not None else []) + [str(x) for x in extra]
+
+
+def i2v_batch(e: Env, prompts: str, images: str, *extra) -> list[str]:
+    """An i2v-tiny batch command line: --prompt_file and --image_file holding these lines."""
+    return ["--task", "i2v-tiny", "--ckpt_dir", str(e.tmp / "i2v_ckpt"), *FAST, "--prompt_file",
+            str(_prompts(e, prompts)), "--image_file", str(_write(e, "images.txt", images)), *map(str, extra)]
+
+
+def _png(e: Env, name: str, w: int = 48, h: int = 32, mode: str = "RGB") -> Path:
+    from PIL import Image
+
+    p = e.tmp / name
+    Image.new(mode, (w, h), 128 if mode in ("L", "F") else (10, 200, 30)).save(p)
+    return p
+
+
+def _png_header_only(e: Env, name: str, w: int, h: int) -> Path:
+    """A PNG whose header claims w x h pixels (what a decompression bomb looks like before decoding)."""
+    import struct
+    import zlib
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    return _write(e, name, b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                  + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def _truncated_png(e: Env) -> Path:
+    p = _png(e, "cut.png", 64, 64)
+    p.write_bytes(p.read_bytes()[:-40])
+    return p
+
+
 def ckpt_case(id_, mutate, needle, sub=False) -> Case:
     return Case(id_, lambda e: std(e, ckpt=_ckpt_copy(e, mutate)), 1, needle, sub)
 
@@ -214,6 +253,32 @@ CASES = [
          True),
     Case("save-dir-missing", lambda e: std(e, "--save_dir", e.tmp / "nodir", save=False), 2, "does not exist"),
     Case("save-file-and-save-dir", lambda e: std(e, "--save_dir", e.tmp), 2, "exclude each other"),
+    # image-to-video: the first frame, checked (decoded) before anything loads
+    Case("i2v-without-image", lambda e: i2v(e), 2, "i2v-tiny needs --image PATH", True),
+    Case("i2v-image-missing", lambda e: i2v(e, image=e.tmp / "gone.png"), 2, "--image", True),
+    Case("i2v-image-is-dir", lambda e: i2v(e, image=_mkdir(e, "pics")), 2, "is not a file"),
+    Case("i2v-text-named-jpg", lambda e: i2v(e, image=_write(e, "photo.jpg", "not a picture\n")), 2,
+         "is not an image Pillow can read", True),
+    Case("i2v-image-1x1", lambda e: i2v(e, image=_png(e, "dot.png", 1, 1)), 2, "too small to start a video"),
+    Case("i2v-image-truncated", lambda e: i2v(e, image=_truncated_png(e)), 2, "cannot be decoded", True),
+    Case("i2v-image-too-large", lambda e: i2v(e, image=_png_header_only(e, "bomb.png", 20000, 20000)), 2,
+         "too large to decode", True),
+    Case("i2v-image-bomb", lambda e: i2v(e, image=_png_header_only(e, "bomb2.png", 100000, 100000)), 2,
+         "too large to decode"),
+    Case("i2v-image-float", lambda e: i2v(e, image=_png(e, "f.tiff", 40, 40, mode="F")), 2, "floating-point"),
+    Case("i2v-extreme-aspect", lambda e: i2v(e, image=_png(e, "strip.png", 4000, 16)), 2, "crop the image"),
+    Case("t2v-with-image", lambda e: std(e, "--image", _png(e, "a.png")), 2, "generates from text only", True),
+    Case("i2v-with-a-t2v-checkpoint", lambda e: i2v(e, image=_png(e, "a.png"))[:2] + ["--ckpt_dir", str(e.ckpt)]
+         + i2v(e, image=e.tmp / "a.png")[4:], 1, "in_dim=16 (expected 36)"),
+    Case("image-file-without-prompt-file", lambda e: i2v(e, "--image_file", _write(e, "i.txt", "a.png\n")), 2,
+         "pass --prompt_file too"),
+    Case("image-and-image-file", lambda e: i2v_batch(e, "a cat\n", "a.png\n", "--image", _png(e, "a.png")), 2,
+         "exclude each other"),
+    Case("image-file-count", lambda e: i2v_batch(e, "a cat\ntwo dogs\n", "# one image\na.png\n"), 2,
+         "lists 1 images for the 2 prompt lines"),
+    Case("image-file-no-usable-image", lambda e: i2v_batch(e, "a cat\n", "gone.png\n"), 2,
+         "no prompt has a usable image"),
+    Case("image-file-empty", lambda e: i2v_batch(e, "a cat\n", "# nothing\n\n"), 2, "lists no image"),
     # the tiny model's --ckpt_dir
     Case("tiny-ckpt-is-file", lambda e: std(e, ckpt=_write(e, "ck", b"x")), 2, "is a file", True, keep={"ck": b"x"}),
     Case("tiny-ckpt-foreign", lambda e: std(e, ckpt=_write(e, "mine/notes.txt", b"n").parent), 2,
@@ -275,6 +340,7 @@ def _snapshot(tmp: Path) -> dict:
 @pytest.fixture
 def no_loading(monkeypatch):
     """Loading a model, or writing the tiny checkpoint, fails loudly: refusals must come before either."""
+    import wan.image2video as i2v_module
     import wan.testing.tiny as tiny
     import wan.text2video as t2v
 
@@ -284,12 +350,13 @@ def no_loading(monkeypatch):
 
     real = tiny.ensure_tiny_checkpoint
 
-    def ensure(ckpt_dir=None):
+    def ensure(ckpt_dir=None, task="t2v-tiny"):
         if ckpt_dir is None or not (Path(ckpt_dir) / tiny.MARKER).is_file():
             raise AssertionError("SENTINEL: the tiny checkpoint was written")
-        return real(ckpt_dir)
+        return real(ckpt_dir, task)
 
     monkeypatch.setattr(t2v, "WanT2V", NoPipeline)
+    monkeypatch.setattr(i2v_module, "WanI2V", NoPipeline)
     monkeypatch.setattr(tiny, "ensure_tiny_checkpoint", ensure)
 
 

@@ -160,3 +160,48 @@ def test_emulated_card_caps_the_process_and_reports_its_free_memory(monkeypatch)
     monkeypatch.setenv(emulate.ENV, "200")
     with pytest.raises(SystemExit, match="emulate a smaller size"):
         emulate.emulate_card(torch.device("cuda:0"))
+
+
+# ---- image-to-video rows (--task i2v) ------------------------------------------------------------------------------
+def test_waterfall_i2v_tiny_cpu_beside_t2v(tmp_path, capsys):
+    """An I2V row (36-channel experts, y with every forward) and the T2V row beside it at the same token count."""
+    out = tmp_path / "wf.json"
+    code = waterfall.main(["--task", "i2v", "--res", "tiny", "--frame_num", "5", "--rows", "4", "--original_attn",
+                           "sdpa", "--beside_t2v", "--steps", "2", "--out", str(out), "--deadline", "300"])
+    assert code == 0
+    rec = json.loads(out.read_text())
+    (row,), beside = rec["rows"], rec["t2v_beside"]
+    assert rec["task"] == "i2v" and "error" not in row and "error" not in beside, (row, beside)
+    assert row["task"] == "i2v" and beside["task"] == "t2v" and beside["options"] == row["options"]
+    assert row["seq_len"] == beside["seq_len"] and row["options"]["fast_rope"]  # the same tokens, the same options
+    assert "image-to-video" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        waterfall.main(["--beside_t2v"])  # needs --task i2v
+
+
+def test_fewstep_i2v_tiny_cpu(tmp_path, capsys):
+    """The 4-step I2V video with a Lightning-layout LoRA pair through the benchmark's child process."""
+    from benchmarks import fewstep
+
+    out = tmp_path / "few.json"
+    code = fewstep.main(["--task", "i2v", "--res", "tiny", "--frame_num", "5", "--skip", "row,stages", "--repeat",
+                         "0", "--lora_rank", "4", "--out", str(out), "--deadline", "300", "--options", "{}"])
+    assert code == 0
+    few = json.loads(out.read_text())["fewstep"]
+    assert "error" not in few and few["task"] == "i2v" and few["sampling_steps"] == 4, few
+    assert few["runs"][0]["expert_trace"] == ["high", "high", "low", "low"] and "vae_encode" in few["runs"][0]["stages"]
+    assert set(few["backends"]["loras"]) == {"high", "low"} and "image-to-video" in capsys.readouterr().out
+
+
+def test_stages_time_the_condition_encode_in_fp32_and_bf16(capsys):
+    from benchmarks import fewstep, rows
+
+    assert rows.main(["stages", "--task", "i2v", "--res", "tiny", "--frame_num", "5", "--vae_dtypes", "fp32,bf16",
+                      "--device", "cpu"]) == 0
+    st = json.loads(capsys.readouterr().out.split("RESULT ", 1)[1])
+    enc = st["vae_encode"]
+    assert st["vae_encode_s"] == enc["fp32"]["encode_s"] > 0 and 0 < enc["bf16"]["rel_vs_fp32"] < 0.1  # approximate
+    text = fewstep.markdown({"env": {"torch": "x", "git_commit": "y"}, "task": "i2v", "res": "tiny", "frame_num": 5,
+                             "stages": st})
+    assert "VAE encode of the condition, bf16" in text and "rel" in text
+    assert enc["fp32"]["reuse_equal"] and enc["bf16"]["reuse_equal"] and "fp32, --fast_encode" in text

@@ -321,6 +321,63 @@ def test_distilled_lora_ulysses_two_ranks_matches_single_process(tmp_path, tiny_
     assert r0["sp_size"] == 2 and rel(r0["latent"], ref["latent"]) <= PIPE_TOL
 
 
+# ---- image-to-video: the condition y goes with the tokens (Ulysses) and with both CFG halves ------------------------
+def _i2v_argv(ckpt, image, save_file, *extra):
+    return ["--task", "i2v-tiny", "--ckpt_dir", str(ckpt), "--device", "cpu", "--size", "64*64", "--frame_num", "5",
+            "--sample_steps", "2", "--base_seed", "42", "--prompt", "two cats box on a stage", "--image", str(image),
+            "--save_file", str(save_file), *extra]
+
+
+def _capture_i2v(out_file):
+    import wan.image2video as i2v
+
+    orig = i2v.WanI2V.generate
+
+    def generate(self, *args, **kwargs):
+        video = orig(self, *args, **kwargs)
+        torch.save({"latent": self.last_result.latent, "video": video, "sp_size": self.sp_size,
+                    "guidance": self.last_result.backends["guidance"]}, out_file)
+        return video
+
+    i2v.WanI2V.generate = generate
+    return orig
+
+
+def _worker_generate_i2v(rank, world, out_dir, argv):
+    import generate
+
+    _capture_i2v(out_dir / f"gen{rank}.pt")
+    (out_dir / f"code{rank}").write_text(str(generate.main(argv)))
+
+
+def test_i2v_ulysses_and_cfg_parallel_match_single_process(tmp_path, tiny_i2v_ckpt):
+    """i2v-tiny on 4 ranks, Ulysses 2 x CFG parallel (y sharded with the tokens, and given to both CFG halves): one
+    process's result."""
+    import numpy as np
+    from PIL import Image
+
+    import generate
+    import wan.image2video as i2v
+
+    image = tmp_path / "frame.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(image)
+    orig = _capture_i2v(tmp_path / "single.pt")
+    try:
+        assert generate.main(_i2v_argv(tiny_i2v_ckpt, image, tmp_path / "single.mp4")) == 0
+    finally:
+        i2v.WanI2V.generate = orig
+    ref = torch.load(tmp_path / "single.pt")
+    out = tmp_path / "ranks"
+    out.mkdir()
+    argv = _i2v_argv(tiny_i2v_ckpt, image, out / "v.mp4", "--ulysses_size", "2", "--cfg_parallel")
+    codes, errors = run_ranks(_worker_generate_i2v, 4, out, argv)
+    assert codes == [0] * 4 and [(out / f"code{r}").read_text() for r in range(4)] == ["0"] * 4, errors
+    runs = [torch.load(out / f"gen{r}.pt") for r in range(4)]
+    assert all(r["sp_size"] == 2 and torch.equal(r["latent"], runs[0]["latent"]) for r in runs)
+    assert runs[0]["guidance"]["high"].startswith("CFG parallel")
+    assert rel(runs[0]["latent"], ref["latent"]) <= PIPE_TOL and rel(runs[0]["video"], ref["video"]) <= PIPE_TOL
+
+
 def test_failing_rank_ends_every_rank(tmp_path, tiny_ckpt):
     """Rank 1 fails at its first denoising step while rank 0 waits in an all-to-all: both exit non-zero, quickly."""
     argv = _gen_argv(tiny_ckpt, tmp_path / "v.mp4", "--ulysses_size", "2")

@@ -338,3 +338,31 @@ def test_ffn_chunks_lower_the_peak_and_keep_the_output(gpu_record):
                chunked_vs_whole=rel(out[4], out[0]))
     assert rel(out[4], out[0]) < 1e-2, rel(out[4], out[0])
     assert peak[4] < peak[0], peak
+
+
+def test_i2v_tiny_on_gpu_offload_stream_and_fast(tiny_i2v_ckpt, gpu_record):
+    """Image-to-video on the GPU (tiny I2V checkpoint): offload == resident and streamed == resident bit for bit,
+    --fast (bf16 experts, compile, fast_encode) within bf16 rounding of the original path, the condition on the
+    device with every forward."""
+    import numpy as np
+    from PIL import Image
+
+    from wan.configs import WAN_CONFIGS
+    from wan.image2video import WanI2V
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8))
+
+    def i2v(**options):
+        pipe = WanI2V(WAN_CONFIGS["i2v-tiny"], tiny_i2v_ckpt, device="cuda", options=RuntimeOptions(**options))
+        video, latent = pipe.generate(PROMPT, img, max_area=64 * 64, frame_num=9, sampling_steps=4, seed=11,
+                                      return_latents=True)
+        return video, latent, pipe
+
+    off, res = i2v(offload_model=True), i2v(offload_model=False)
+    streamed = i2v(stream_blocks=2, convert_model_dtype=True, compile=True)
+    resident16 = i2v(offload_model=False, convert_model_dtype=True, compile=True)
+    fast = i2v(**fast_options().__dict__)
+    gpu_record(fast_vs_original_rel=rel(fast[1], res[1]), backends=fast[2].last_result.backends)
+    assert torch.equal(off[1], res[1]) and torch.equal(off[0], res[0])
+    assert torch.equal(streamed[1], resident16[1]) and torch.equal(streamed[0], resident16[0])
+    assert fast[2].last_result.backends["vae_encode"].startswith("reuses") and rel(fast[1], res[1]) < 5e-2

@@ -85,3 +85,26 @@ def test_band_order_decode_720p_bf16(gpu_record):
     assert banded.shape == whole.shape == (1, 3, 81, 720, 1280)
     assert banded_peak <= 6e9 and banded_peak < whole_peak, (banded_peak, whole_peak)
     assert psnr > 40, psnr
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_i2v_condition_encode_reusing_repeats_is_bit_for_bit_at_720p(dtype, gpu_record):
+    """The I2V condition (a 720p image, then 80 black frames) through the official-size VAE: encode_mean (reuses the
+    layers whose inputs repeat) against diffusers' plain encode, torch.equal, with the default TF32 convs (as a run
+    has them), recording both times and peaks (the reference's encode is the fp32 one)."""
+    from wan.modules.vae_encode import encode_mean
+
+    model = randomize_weights_on_device_(build_wan_vae(96, device="cuda").eval(), seed=0).requires_grad_(False)
+    model = model.to(dtype)
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.zeros(1, 3, 81, 720, 1280, device="cuda", dtype=dtype)
+    x[:, :, 0] = torch.rand(3, 720, 1280, device="cuda", generator=g).to(dtype) * 2 - 1
+    model.encode(x[:, :, :5])  # warm: cuDNN plans for both chunk shapes
+    stats = {}
+    plain, plain_peak, plain_s = measured(lambda: model.encode(x).latent_dist.mode())
+    fast, fast_peak, fast_s = measured(lambda: encode_mean(model, x, stats))
+    gpu_record(dtype=str(dtype), plain_s=plain_s, reuse_s=fast_s, speedup=plain_s / fast_s,
+               plain_peak_gb=plain_peak / 1e9, reuse_peak_gb=fast_peak / 1e9, layers_computed=stats["computed"])
+    assert torch.equal(fast, plain)
+    assert fast_s < plain_s and sum(stats["computed"]) < 0.6 * stats["chunks"] * stats["layers"]

@@ -171,3 +171,34 @@ def test_cli_fast_plans_for_the_free_memory(monkeypatch, tmp_path):
     opts = generate._fast_budget(args, WAN_CONFIGS["t2v-A14B"], torch.device("cuda"), tmp_path)
     assert opts.max_gpu_memory == 24.0 and opts.offload_model is None and opts.compile
     assert generate._placement_given(build_parser().parse_args(["--fast", "--stream_blocks", "2"]))
+
+
+# ---- image-to-video: the 36-channel patch embedding and the condition's encode ----------------------------------
+def test_i2v_expert_size_counts_the_36_input_channels():
+    from wan.configs.model_config import A14B_I2V
+
+    block, rest = dit_bytes(A14B_I2V, 1)
+    assert block * 40 + rest == 14_288_901_184  # the t2v count + 20 x 4 x 5120 (i2v_ti2v_facts.md §1.9)
+
+
+def test_i2v_plan_has_an_encode_phase_from_the_counted_cost():
+    from wan.configs import WAN_CONFIGS
+    from wan.memory_plan import VAE_ENCODE_BYTES_PER_PIXEL, plan_inputs
+    from wan.options import fast_options
+
+    opts = fast_options()
+    t2v = plan_inputs(WAN_CONFIGS["t2v-A14B"], opts, (1280, 720, 81), 11.4e9)
+    i2v = plan_inputs(WAN_CONFIGS["i2v-A14B"], opts, (1280, 720, 81), 11.4e9)
+    assert t2v["encode_pixels"] == 0 and i2v["encode_pixels"] == 1280 * 720 * 81
+    assert "encode" not in estimate("resident", **t2v).phases
+    plan = estimate("resident", **i2v)
+    base = 2 * sum(x * y for x, y in zip(dit_bytes(i2v["arch"], 2), (40, 1)))
+    want = (base + VAE_ENCODE_BYTES_PER_PIXEL["fp32"] * 1280 * 720 * 81) * 1.05 / 1e9
+    assert abs(plan.phases["encode"] - want) < 1e-6 and plan.phases["encode"] < plan.phases["decode"]
+    # streamed under 24 GB with the banded decode, the encode is the phase to watch; bf16 halves it
+    tight = choose(24, **i2v)
+    assert tight.placement == "stream" and tight.vae_bands and tight.phases["encode"] > tight.phases["decode"]
+    with pytest.raises(MemoryPlanError, match="--vae_dtype bf16") as err:
+        choose(tight.phases["encode"] - 0.5, **{**i2v, "t5_cpu": True})
+    assert "\n" not in str(err.value)
+    assert choose(24, **{**i2v, "vae_dtype": "bf16"}).phases["encode"] < 0.6 * tight.phases["encode"]

@@ -196,7 +196,7 @@ def test_pipeline_refuses_before_loading(tmp_path):
 def test_pipeline_call_configures_and_records_it(tiny_pipe, monkeypatch):
     """A per-call fused_qk_rope reaches both experts, is recorded, and is undone after the call. On the CPU the
     torch form with fp32 out stands in (the pipeline itself refuses there): bit for bit the fast_rope result."""
-    monkeypatch.setattr("wan.text2video.resolve_qk_rope", lambda device: FusedQKRope("torch", out_dtype=FP32))
+    monkeypatch.setattr("wan.pipeline.resolve_qk_rope", lambda device: FusedQKRope("torch", out_dtype=FP32))
     gen = dict(size=(64, 64), frame_num=5, shift=12.0, sampling_steps=2, guide_scale=3.0, seed=5,
                return_latents=True)
     _, ref = tiny_pipe.generate("a cat", options=RuntimeOptions(fast_rope=True), **gen)

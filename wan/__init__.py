@@ -1,9 +1,9 @@
-"""Wan 2.2 text-to-video (T2V-A14B): a faithful, fast re-implementation.
+"""Wan 2.2 text-to-video (T2V-A14B) and image-to-video (I2V-A14B): a faithful, fast re-implementation.
 
-`wan.WanT2V` is the pipeline, as in the reference (imported lazily, so `import wan` stays light).
+`wan.WanT2V` and `wan.WanI2V` are the pipelines, as in the reference (imported lazily, so `import wan` stays light).
 """
 
-__all__ = ["WanT2V"]
+__all__ = ["WanT2V", "WanI2V"]
 
 
 def __getattr__(name):
@@ -11,4 +11,8 @@ def __getattr__(name):
         from .text2video import WanT2V
 
         return WanT2V
+    if name == "WanI2V":
+        from .image2video import WanI2V
+
+        return WanI2V
     raise AttributeError(f"module 'wan' has no attribute {name!r}")

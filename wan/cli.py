@@ -1,4 +1,5 @@
-"""Argument parsing and validation for generate.py: the reference's t2v flags, plus one flag per RuntimeOptions field.
+"""Argument parsing and validation for generate.py: the reference's t2v / i2v flags, plus one flag per RuntimeOptions
+field.
 
 Every check here runs before anything loads and ends in one `UsageError` line that names the flag, the allowed
 range and (where there is one) the reason for the bound.
@@ -6,13 +7,14 @@ range and (where there is one) the reason for the bound.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import unicodedata
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
-from .configs import SIZE_CONFIGS, WAN_CONFIGS
+from .configs import MAX_AREA_CONFIGS, SIZE_CONFIGS, WAN_CONFIGS
 from .modules.rope import MAX_POSITIONS
 from .options import FAST_PRESET, RuntimeOptions, fast_options
 
@@ -27,7 +29,8 @@ MAX_STEPS = 1000  # the schedulers' 1000 training timesteps
 MAX_SHIFT = 100.0  # past this every step but the last sits near t = 1000
 MAX_GUIDE = 50.0  # the models are tuned for 1-5; far larger values only saturate the video
 MAX_LORA_STRENGTH = 10.0  # distilled LoRAs are made for 1.0
-CPU_PRACTICAL_TASKS = ("t2v-tiny",)
+CPU_PRACTICAL_TASKS = ("t2v-tiny", "i2v-tiny")
+log = logging.getLogger("wan")
 _BLANK_CHARS = frozenset("\u115f\u1160\u3164\uffa0\u2800")  # fillers that render as nothing
 
 
@@ -86,6 +89,11 @@ def _per_task(attr: str, fmt=str) -> str:
     return ", ".join(f"{fmt(getattr(cfg, attr))} for {name}" for name, cfg in WAN_CONFIGS.items())
 
 
+def _guide_text(guide: tuple[float, float]) -> str:
+    low, high = guide
+    return f"{low:g}" if low == high else f"{low:g} low-noise, {high:g} high-noise"
+
+
 def _fast_help() -> str:
     parts = [k if v is True else f"{k} {str(v).lower()}" for k, v in FAST_PRESET.items() if k != "offload_model"]
     off = ("turns offload_model OFF (both experts stay resident) and "
@@ -95,17 +103,21 @@ def _fast_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description="Generate a video from a text prompt with Wan 2.2 T2V-A14B.")
+    p = ArgumentParser(description="Generate a video from a text prompt (and, for i2v, a first frame) with Wan 2.2 "
+                                   "T2V-A14B or I2V-A14B.")
     sizes = "; ".join(f"{name}: {', '.join(cfg.supported_sizes)}" for name, cfg in WAN_CONFIGS.items())
     p.add_argument("--task", type=str, default="t2v-A14B",
-                   help=f"one of {', '.join(WAN_CONFIGS)} (t2v-tiny: a built-in random model for CPU smoke runs)")
+                   help=f"one of {', '.join(WAN_CONFIGS)} (t2v-tiny, i2v-tiny: built-in random models for CPU smoke "
+                        "runs)")
     p.add_argument("--size", type=str, default=None,
-                   help=f"WIDTH*HEIGHT ({sizes}); default: the task's, {_per_task('default_size')}")
+                   help=f"WIDTH*HEIGHT ({sizes}); for i2v only its area counts, the aspect ratio is the image's; "
+                        f"default: the task's, {_per_task('default_size')}")
     p.add_argument("--frame_num", type=int, default=None,
                    help=f"frames, 4n+1, at most {MAX_FRAMES}; default: the task's, {_per_task('frame_num')}")
     p.add_argument("--ckpt_dir", type=str, default=None,
-                   help="the official Wan2.2-T2V-A14B folder (required for t2v-A14B); for t2v-tiny the folder its "
-                        "random checkpoint is written to (default: ~/.cache/wan22/)")
+                   help="the official Wan2.2-T2V-A14B (or -I2V-A14B) folder (required for t2v-A14B and i2v-A14B); "
+                        "for the tiny tasks the folder their random checkpoint is written to (default: "
+                        "~/.cache/wan22/)")
     p.add_argument("--save_file", type=str, default=None,
                    help="output .mp4 (default: the reference's naming, in --save_dir)")
     p.add_argument("--save_dir", type=str, default=None,
@@ -115,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt_file", type=str, default=None,
                    help="batch mode: one prompt per line (blank lines and lines starting with # are skipped); the "
                         "models load once, one video per prompt")
+    p.add_argument("--image", type=str, default=None,
+                   help="i2v: the video's first frame (PNG, JPEG, WebP, ...; required for i2v tasks); its aspect "
+                        "ratio sets the video's")
+    p.add_argument("--image_file", type=str, default=None,
+                   help="i2v batch mode, with --prompt_file: one image path per prompt line, in the same order "
+                        "(blank lines and lines starting with # are skipped)")
     p.add_argument("--use_prompt_extend", action="store_true", help="(reference flag; not supported here)")
     p.add_argument("--prompt_extend_method", type=str, default="local_qwen", choices=["dashscope", "local_qwen"],
                    help="(reference flag; not supported here)")
@@ -130,8 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample_shift", type=float, default=None,
                    help=f"flow shift, > 0 and at most {MAX_SHIFT:g}; default: the task's, "
                         f"{_per_task('sample_shift')} (5.0 with --distilled)")
+    guides = ", ".join(f"{_guide_text(cfg.sample_guide_scale)} for {name}" for name, cfg in WAN_CONFIGS.items()
+                       if cfg.needs_ckpt_dir)
     p.add_argument("--sample_guide_scale", type=float, default=None,
-                   help=f"CFG scale for both experts, 0..{MAX_GUIDE:g} (default: 3.0 low-noise, 4.0 high-noise; "
+                   help=f"CFG scale for both experts, 0..{MAX_GUIDE:g} (default: the task's, {guides}; "
                         "1.0, no CFG, with --distilled)")
     p.add_argument("--lora_dir", type=str, default=None,
                    help="LoRA folder in the Lightning layout: high_noise_model.safetensors and "
@@ -177,20 +197,26 @@ class PromptLine:
     index: int  # position among the prompt lines (names the video in batch mode)
     lineno: int | None  # line in --prompt_file (None for --prompt)
     text: str
+    image: str | None = None  # i2v: the first frame's file (checked: it decodes)
+    video_size: tuple[int, int] | None = None  # i2v: (width, height) of the video, from the image and --size
+
+
+def _read_lines(path: str, flag: str) -> str:
+    f = Path(path)
+    if not f.is_file():
+        raise UsageError(f"{flag} {path} {'is not a file' if f.exists() else 'does not exist'}")
+    try:
+        return f.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = f.read_bytes()[:exc.start].count(b"\n") + 1
+        raise UsageError(f"{flag} {path} is not UTF-8 text (line {line}); save it as UTF-8") from None
+    except OSError as exc:
+        raise UsageError(f"{flag} {path} cannot be read ({exc.strerror or type(exc).__name__})") from None
 
 
 def read_prompt_file(path: str) -> tuple[list[PromptLine], list[tuple[int, str]]]:
     """(prompts, bad lines as (line number, reason)). Blank lines and lines starting with '#' are skipped."""
-    f = Path(path)
-    if not f.is_file():
-        raise UsageError(f"--prompt_file {path} {'is not a file' if f.exists() else 'does not exist'}")
-    try:
-        text = f.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = f.read_bytes()[:exc.start].count(b"\n") + 1
-        raise UsageError(f"--prompt_file {path} is not UTF-8 text (line {line}); save it as UTF-8") from None
-    except OSError as exc:
-        raise UsageError(f"--prompt_file {path} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    text = _read_lines(path, "--prompt_file")
     prompts, bad, index = [], [], 0
     for lineno, line in enumerate(text.split("\n"), 1):  # '\n' only: line numbers as an editor shows them
         s = line.strip()
@@ -279,7 +305,7 @@ def check_device(device: str | None, task: str) -> None:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {device} was asked for but CUDA is not available; use --device cpu "
-                             "(practical only for --task t2v-tiny) or install a CUDA build of torch")
+                             "(practical only for the tiny tasks) or install a CUDA build of torch")
         n = torch.cuda.device_count()
         if dev.index is not None and dev.index >= n:
             raise UsageError(f"--device {device}: only {n} CUDA device(s) are visible (cuda:0 .. cuda:{n - 1})")
@@ -304,9 +330,11 @@ def validate_args(args) -> None:
     args.sample_shift = cfg.sample_shift if args.sample_shift is None else args.sample_shift
     _check_numbers(args, cfg)
     if cfg.needs_ckpt_dir and not args.ckpt_dir:
-        raise UsageError(f"--ckpt_dir is required for {args.task}: the folder of the official Wan2.2-T2V-A14B "
-                         "download (huggingface-cli download Wan-AI/Wan2.2-T2V-A14B --local-dir ./Wan2.2-T2V-A14B)")
+        name = cfg.checkpoint_name
+        raise UsageError(f"--ckpt_dir is required for {args.task}: the folder of the official {name} download "
+                         f"(huggingface-cli download Wan-AI/{name} --local-dir ./{name})")
     _check_prompts(args)
+    _check_images(args, cfg)
     if args.use_prompt_extend:
         raise UsageError("--use_prompt_extend is not supported by this implementation; extend the prompt yourself")
     _check_loras(args)
@@ -362,6 +390,79 @@ def _check_prompts(args) -> None:
         if args.save_file is not None and args.save_dir is not None:
             raise UsageError("--save_file and --save_dir exclude each other; --save_dir holds default-named videos")
         args.prompts, args.bad_lines = [PromptLine(0, None, args.prompt)], []
+
+
+def read_image_file(path: str) -> list[str]:
+    """The image paths of --image_file, one per line (blank lines and lines starting with '#' are skipped)."""
+    entries = [s for s in (line.strip() for line in _read_lines(path, "--image_file").split("\n"))
+               if s and not s.startswith("#")]
+    if not entries:
+        raise UsageError(f"--image_file {path} lists no image; give one image path per prompt line")
+    return entries
+
+
+def _check_images(args, cfg) -> None:
+    """i2v: every prompt gets its first frame, decoded once here (before anything loads) with the video size it
+    gives; a bad --image is a usage error, a bad --image_file line makes its prompt a bad line (skipped)."""
+    if not cfg.takes_image:
+        if args.image is not None or args.image_file is not None:
+            i2v = ", ".join(n for n, c in WAN_CONFIGS.items() if c.takes_image)
+            raise UsageError(f"--image and --image_file are for the image-to-video tasks ({i2v}); {args.task} "
+                             "generates from text only")
+        return
+    if args.image_file is not None:
+        if args.prompt_file is None:
+            raise UsageError("--image_file pairs its lines with --prompt_file's; pass --prompt_file too, or one "
+                             "--image")
+        if args.image is not None:
+            raise UsageError("--image and --image_file exclude each other; --image gives every prompt the same frame")
+        paths = read_image_file(args.image_file)
+        lines = len(args.prompts) + len(args.bad_lines)
+        if len(paths) != lines:
+            raise UsageError(f"--image_file {args.image_file} lists {len(paths)} images for the {lines} prompt lines "
+                             f"of {args.prompt_file}; give one image per prompt line, in the same order")
+        images = {p.index: paths[p.index] for p in args.prompts}
+    elif args.image is None:
+        raise UsageError(f"{args.task} needs --image PATH, the video's first frame (or --image_file with "
+                         "--prompt_file)")
+    else:
+        images = {p.index: args.image for p in args.prompts}
+    from .image_condition import i2v_geometry
+    from .utils.image import ImageInputError, load_image
+
+    checked: dict[str, tuple[int, int] | str] = {}  # path -> video size, or why it cannot be used
+    good = []
+    for p in args.prompts:
+        path = images[p.index]
+        if path not in checked:
+            flag = "--image" if args.image_file is None else "--image_file image"
+            try:
+                loaded = load_image(path, flag)
+                for note in loaded.notes:
+                    log.warning("%s %s: %s", flag, path, note)
+                w, h = loaded.size
+                geo = i2v_geometry(w, h, MAX_AREA_CONFIGS[args.size], cfg.vae_stride, cfg.patch_size)
+                checked[path] = (geo.width, geo.height)
+            except ImageInputError as exc:
+                checked[path] = str(exc)
+            except ValueError as exc:  # the geometry: an extreme aspect ratio
+                checked[path] = f"{flag} {path}: {exc}"
+        if isinstance(checked[path], str):
+            if args.image_file is None:
+                raise UsageError(checked[path])
+            args.bad_lines.append((p.lineno, f"{checked[path]}; skipped"))
+            continue
+        p.image, p.video_size = path, checked[path]
+        good.append(p)
+    if not good:
+        raise UsageError(f"--image_file {args.image_file}: no prompt has a usable image (see the warnings)")
+    args.prompts = good
+
+
+def plan_size(args) -> tuple[int, int]:
+    """(width, height) the memory plan sizes for: --size, or for i2v the largest video the images give."""
+    sizes = [p.video_size for p in getattr(args, "prompts", ()) if p.video_size is not None]
+    return max(sizes, key=lambda s: s[0] * s[1]) if sizes else size_tuple(args.size)
 
 
 def check_parallel_layout(options: RuntimeOptions, world: int, num_heads: int = 40) -> None:

@@ -1,7 +1,8 @@
 """Classifier-free guidance strategies: how one denoising step turns the DiT into a noise prediction.
 
-Each strategy is a callable `(model, latent, t, context, context_null, seq_len, g) -> prediction [C, F, H, W]`,
-chosen once per expert before the step loop (`choose_guidance`), never by `if`s inside it:
+Each strategy is a callable `(model, latent, t, context, context_null, seq_len, g, y=None) -> prediction [C, F, H, W]`,
+chosen once per expert before the step loop (`choose_guidance`), never by `if`s inside it. `y` (image-to-video): the
+condition [C_y, F, H, W] the DiT joins to the latent, the same for the conditional and the unconditional pass.
 - `TwoPasses`: the reference, a conditional and an unconditional batch-1 forward; uncond + g * (cond - uncond).
 - `BatchedPass`: both in one batch-2 forward (per-sample varlen keys keep it exact).
 - `CfgParallel`: cond on one half of the world, uncond on the other, one all-gather (multi-GPU).
@@ -15,13 +16,18 @@ import torch
 GUIDANCE_ONE_TOL = 1e-6  # |g - 1| below this is guidance 1, as the Lightning fork's use_cfg()
 
 
+def per_sample(y: torch.Tensor | None, n: int) -> list | None:
+    """The DiT's `y` argument for a batch of n samples: None (t2v) or the same condition for each."""
+    return None if y is None else [y] * n
+
+
 class TwoPasses:
     name = "two passes (reference)"
     needs_negative = True
 
-    def __call__(self, model, latent, t, context, context_null, seq_len, g):
-        cond = model([latent], t=t, context=context, seq_len=seq_len)[0]
-        uncond = model([latent], t=t, context=context_null, seq_len=seq_len)[0]
+    def __call__(self, model, latent, t, context, context_null, seq_len, g, y=None):
+        cond = model([latent], t=t, context=context, seq_len=seq_len, y=per_sample(y, 1))[0]
+        uncond = model([latent], t=t, context=context_null, seq_len=seq_len, y=per_sample(y, 1))[0]
         return uncond + g * (cond - uncond)
 
 
@@ -29,8 +35,9 @@ class BatchedPass:
     name = "one batch-2 pass"
     needs_negative = True
 
-    def __call__(self, model, latent, t, context, context_null, seq_len, g):
-        cond, uncond = model([latent, latent], t=t.expand(2), context=context + context_null, seq_len=seq_len)
+    def __call__(self, model, latent, t, context, context_null, seq_len, g, y=None):
+        cond, uncond = model([latent, latent], t=t.expand(2), context=context + context_null, seq_len=seq_len,
+                             y=per_sample(y, 2))
         return uncond + g * (cond - uncond)
 
 
@@ -38,8 +45,8 @@ class CondOnly:
     name = "one conditional pass (guidance 1)"
     needs_negative = False
 
-    def __call__(self, model, latent, t, context, context_null, seq_len, g):
-        return model([latent], t=t, context=context, seq_len=seq_len)[0]
+    def __call__(self, model, latent, t, context, context_null, seq_len, g, y=None):
+        return model([latent], t=t, context=context, seq_len=seq_len, y=per_sample(y, 1))[0]
 
 
 class CfgParallel:
@@ -53,8 +60,8 @@ class CfgParallel:
         self.group, self.cfg_rank, self._predict = group, cfg_rank, cfg_parallel_prediction
         self.name = f"CFG parallel (cfg rank {cfg_rank} of 2)"
 
-    def __call__(self, model, latent, t, context, context_null, seq_len, g):
-        return self._predict(model, latent, t, context, context_null, seq_len, g, self.group, self.cfg_rank)
+    def __call__(self, model, latent, t, context, context_null, seq_len, g, y=None):
+        return self._predict(model, latent, t, context, context_null, seq_len, g, self.group, self.cfg_rank, y=y)
 
 
 def is_guidance_one(g: float) -> bool:

@@ -7,6 +7,11 @@ peaks at about 300 bytes per output pixel and frame in fp32 and 150 in bf16 (22.
 The eager original path needs more activations than this (its per-token time embedding alone is 9.3 GB at 720p), so
 plans are for `--fast`-style runs; the process is capped at the budget, so a wrong estimate fails loudly (exit 3)
 instead of using more.
+
+Image-to-video adds two things: its experts' 36-channel patch embedding (in `dit_bytes`, from the architecture) and
+the VAE encode of the condition (the image and F - 1 black frames at the video's size), an "encode" phase between
+the text encoding and the denoising. Its cost per pixel is an ESTIMATE, not a GPU measurement: see
+VAE_ENCODE_BYTES_PER_PIXEL.
 """
 from __future__ import annotations
 
@@ -28,6 +33,13 @@ VAE_BYTES_PER_PIXEL = {"fp32": 300.0, "bf16": 150.0}
 # 17.57 GiB fp32, 2.77 / 9.12 bf16; not yet measured on a GPU), rounded up.
 VAE_BANDS = 4
 VAE_BANDED_FRACTION = {"fp32": 0.30, "bf16": 0.31}
+# The I2V condition's encode (input video included): live-tensor counts of the 720p x 81 encode
+# (benchmarks/results/cpu_{720,480}p_vae_encode_counts.json: 186.3 / 98.0 bytes per pixel in fp32 / bf16, the same at
+# 480p), times the whole-frame decode's measured-over-counted ratio (300 / 252.7 = 1.19 in fp32, 150 / 131.2 = 1.14 in
+# bf16) for allocator slack and workspaces, rounded up. An estimate: not yet measured on a GPU. --fast_encode holds a
+# little more (one layer's old cache slots until compared, and the reused prefix's output: at 720p fp32 at most about
+# 2.8 GB, from the shapes), not counted here; tests/test_gpu_vae.py records both peaks.
+VAE_ENCODE_BYTES_PER_PIXEL = {"fp32": 225.0, "bf16": 115.0}
 # Block streaming also streams T5 by layers (wan/placement.py): 2 slots of one of umt5-xxl's 24 equal blocks, which
 # hold 81.6% of its weights (the token embedding, 256,384 x 4,096, stays on the host): 2 x 0.816 / 24 of T5's bytes.
 T5_STREAMED_FRACTION = 2 * 0.816 / 24
@@ -77,24 +89,29 @@ class MemoryPlan:
 
 
 def estimate(placement: str, arch, tokens: int, batch: int, pixels: int, bytes_per_param: int, vae_dtype: str,
-             t5_bytes: float, t5_cpu: bool, slots: int = 2, vae_bands: int = 0, fp8_linear: str = "none"
-             ) -> MemoryPlan:
-    """Peak GB of each phase of one generation for `placement`."""
+             t5_bytes: float, t5_cpu: bool, slots: int = 2, vae_bands: int = 0, fp8_linear: str = "none",
+             encode_pixels: int = 0) -> MemoryPlan:
+    """Peak GB of each phase of one generation for `placement`; `encode_pixels` > 0 (I2V) adds the condition's
+    encode phase."""
     block, rest = dit_bytes(arch, bytes_per_param, fp8_linear)
     expert = block * arch.num_layers + rest
     act = ACTIVATION_BYTES_PER_TOKEN * tokens * batch
     vae = VAE_BYTES_PER_PIXEL[vae_dtype] * pixels * (VAE_BANDED_FRACTION[vae_dtype] if vae_bands > 1 else 1.0)
     t5 = 0.0 if t5_cpu else t5_bytes
+    enc = VAE_ENCODE_BYTES_PER_PIXEL[vae_dtype] * encode_pixels
     if placement == "resident":
         base = 2 * expert
-        phases = {"text": base + t5, "denoise": base + act, "decode": base + vae}
-    elif placement == "offload":  # experts move down before the decode; T5 encodes alone
-        phases = {"text": t5, "denoise": expert + act, "decode": vae}
+        phases = {"text": base + t5, "encode": base + enc, "denoise": base + act, "decode": base + vae}
+    elif placement == "offload":  # experts move up at the first step and down before the decode; T5 encodes alone
+        phases = {"text": t5, "encode": enc, "denoise": expert + act, "decode": vae}
     elif placement == "stream":  # T5 streamed by layers too
         base = 2 * rest + slots * block
-        phases = {"text": base + t5 * T5_STREAMED_FRACTION, "denoise": base + act, "decode": base + vae}
+        phases = {"text": base + t5 * T5_STREAMED_FRACTION, "encode": base + enc, "denoise": base + act,
+                  "decode": base + vae}
     else:
         raise ValueError(f"unknown placement {placement!r}")
+    if not encode_pixels:  # text-to-video: no condition to encode
+        del phases["encode"]
     phases = {k: v * HEADROOM / 1e9 for k, v in phases.items()}
     return MemoryPlan(placement, max(phases.values()), phases, vae_bands if vae_bands > 1 else 0)
 
@@ -114,7 +131,8 @@ def plan_inputs(config, options, size_frames: tuple[int, int, int], t5_bytes: fl
     return dict(arch=config.arch, tokens=tokens, batch=2 if options.batched_cfg else 1, pixels=w * h * frames,
                 bytes_per_param=2 if options.convert_model_dtype else 4, vae_dtype=options.vae_dtype,
                 t5_bytes=t5_bytes, t5_cpu=options.t5_cpu, slots=options.stream_blocks or 2,
-                vae_bands=options.vae_bands, fp8_linear=options.fp8_linear)
+                vae_bands=options.vae_bands, fp8_linear=options.fp8_linear,
+                encode_pixels=w * h * frames if config.takes_image else 0)
 
 
 def fast_budget(options, free_gb: float, **kw) -> tuple[object, str]:
@@ -150,7 +168,7 @@ def choose(budget_gb: float, **kw) -> MemoryPlan:
     smallest = min(plans, key=lambda p: p.peak_gb)
     peak = max(smallest.phases, key=smallest.phases.get)  # a switch helps only if it lowers the peak phase
     hint = ", or --t5_cpu" if peak == "text" and not kw.get("t5_cpu") else ""
-    if kw.get("vae_dtype") == "fp32" and peak == "decode":
+    if kw.get("vae_dtype") == "fp32" and peak in ("decode", "encode"):
         hint += ", or --vae_dtype bf16"
     need = smallest_budget(smallest.peak_gb)
     raise MemoryPlanError(f"--max_gpu_memory {budget_gb:g} GB is too small for this run even with block streaming "

@@ -21,7 +21,8 @@ from .errors import CheckpointError
 from .modules.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME
 
 LORA_NAMES = {"high": "high_noise_model.safetensors", "low": "low_noise_model.safetensors"}  # Lightning layout
-DOWNLOAD_HINT = "download it with: huggingface-cli download Wan-AI/Wan2.2-T2V-A14B --local-dir ./Wan2.2-T2V-A14B"
+DOWNLOAD_HINT = ("download it with: huggingface-cli download Wan-AI/Wan2.2-T2V-A14B --local-dir ./Wan2.2-T2V-A14B "
+                 "(Wan2.2-I2V-A14B for the i2v task)")
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                 "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
@@ -184,7 +185,8 @@ def check_expert_dir(folder, arch: WanConfig | None = None) -> None:
     if arch is not None:
         bad = config.mismatches(arch)
         if bad:
-            raise CheckpointError(f"{folder / CONFIG_NAME} has {', '.join(bad[:3])} (a 1.3B, 5B or I2V checkpoint?)")
+            raise CheckpointError(f"{folder / CONFIG_NAME} has {', '.join(bad[:3])} (another model's checkpoint: "
+                                  "T2V, I2V, 1.3B or 5B?)")
     index = folder / INDEX_NAME
     if index.is_file():
         shards = _named(index, _read_index, index)
@@ -227,7 +229,7 @@ def check_tiny_dir(folder) -> None:
     folder whose parent accepts new entries)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise PathError(f"--ckpt_dir {folder} is a file; t2v-tiny needs a folder (it writes its random checkpoint "
+        raise PathError(f"--ckpt_dir {folder} is a file; a tiny task needs a folder (it writes its random checkpoint "
                         "there)")
     if folder.is_dir():
         if (folder / TINY_MARKER).is_file():
@@ -238,7 +240,7 @@ def check_tiny_dir(folder) -> None:
             raise PathError(f"--ckpt_dir {folder} cannot be listed ({exc.strerror}); choose another folder") from None
         if foreign:
             raise PathError(f"--ckpt_dir {folder} holds other files but no complete tiny checkpoint; pass an empty or "
-                            "new folder for --task t2v-tiny")
+                            "new folder for the tiny task")
     # ensure_tiny_checkpoint writes a temporary folder next to `folder` and renames it into place
     anchor = folder.absolute().parent
     while not anchor.exists():

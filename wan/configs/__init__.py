@@ -1,9 +1,13 @@
-"""Task configurations (frozen) and the sizes each task accepts. Sizes are WIDTH*HEIGHT strings, as the reference."""
+"""Task configurations (frozen) and the sizes each task accepts. Sizes are WIDTH*HEIGHT strings, as the reference;
+for the image-to-video tasks only their area counts (the aspect ratio comes from the image)."""
 from .task_config import TaskConfig
+from .wan_i2v_A14B import i2v_A14B
+from .wan_i2v_tiny import i2v_tiny
 from .wan_t2v_A14B import t2v_A14B
 from .wan_t2v_tiny import t2v_tiny
 
-WAN_CONFIGS: dict[str, TaskConfig] = {"t2v-A14B": t2v_A14B, "t2v-tiny": t2v_tiny}
+WAN_CONFIGS: dict[str, TaskConfig] = {"t2v-A14B": t2v_A14B, "t2v-tiny": t2v_tiny, "i2v-A14B": i2v_A14B,
+                                      "i2v-tiny": i2v_tiny}
 
 # WIDTH*HEIGHT -> (width, height)
 SIZE_CONFIGS = {

@@ -6,7 +6,7 @@ the reference drops `IGNORED` keys before building the model, so those always ke
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -89,3 +89,6 @@ class WanConfig:
 # The T2V-A14B expert (both experts have this config.json) and the built-in tiny model.
 A14B = WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 TINY = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2)
+# I2V: the same DiT with 36 input channels (16 noise + 4 first-frame mask + 16 image latent); Wan 2.2 has no CLIP.
+A14B_I2V = replace(A14B, model_type="i2v", in_dim=36)
+TINY_I2V = replace(TINY, model_type="i2v", in_dim=36)

@@ -40,5 +40,11 @@ class TaskConfig:
     supported_sizes: tuple[str, ...] = ("720*1280", "1280*720", "480*832", "832*480")
     sample_neg_prompt: str = DEFAULT_NEG_PROMPT
     needs_ckpt_dir: bool = True
+    checkpoint_name: str = "Wan2.2-T2V-A14B"  # the official download --ckpt_dir should point at
     # the architecture both experts' config.json must describe (checked before loading)
     arch: WanConfig = A14B
+
+    @property
+    def takes_image(self) -> bool:
+        """An image-to-video task (the DiT's model_type is i2v): generate() takes the first frame."""
+        return self.arch.model_type == "i2v"

@@ -14,13 +14,16 @@ __all__ = ["cfg_parallel_prediction"]
 
 
 def cfg_parallel_prediction(model, latent: torch.Tensor, t: torch.Tensor, context: list, context_null: list,
-                            seq_len: int, g: float, cfg_group, cfg_rank: int) -> torch.Tensor:
-    """uncond + g * (cond - uncond) with cond on cfg rank 0 and uncond on cfg rank 1; the same on every rank."""
+                            seq_len: int, g: float, cfg_group, cfg_rank: int, y: torch.Tensor | None = None
+                            ) -> torch.Tensor:
+    """uncond + g * (cond - uncond) with cond on cfg rank 0 and uncond on cfg rank 1; the same on every rank. `y`
+    (I2V): the condition both passes get."""
     ways = dist.get_world_size(cfg_group)
     if ways != 2 or dist.get_rank(cfg_group) != cfg_rank:
         raise ValueError(f"CFG parallel needs a cfg group of 2 ranks with cfg_rank = the rank in it; got {ways} ranks, "
                          f"cfg_rank {cfg_rank}, rank in group {dist.get_rank(cfg_group)}")
-    pred = model([latent], t=t, context=context if cfg_rank == 0 else context_null, seq_len=seq_len)[0]
+    pred = model([latent], t=t, context=context if cfg_rank == 0 else context_null, seq_len=seq_len,
+                 y=None if y is None else [y])[0]
     pred = pred.contiguous()
     both = pred.new_empty((2 * pred.size(0),) + tuple(pred.shape[1:]))  # [cond; uncond] along dim 0, by cfg rank
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

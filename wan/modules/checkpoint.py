@@ -62,7 +62,7 @@ def check_against_model(model: torch.nn.Module, folder: Path, shards: dict[str, 
                  if k in found and found[k] != expected[k]]
     if problems:
         dim = found.get("patch_embedding.weight", (None,))[0]
-        hint = f" (the file's dim is {dim}: a 1.3B, 5B or I2V checkpoint?)" if dim and dim != model.dim else ""
+        hint = f" (the file's dim is {dim}: a 1.3B or 5B checkpoint?)" if dim and dim != model.dim else ""
         raise CheckpointError(f"{folder} does not match its config.json: {'; '.join(problems[:4])}"
                               + (f" and {len(problems) - 4} more" if len(problems) > 4 else "") + hint)
 

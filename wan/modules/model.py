@@ -25,6 +25,8 @@ from .rope import FastRope, ReferenceRope
 
 __all__ = ["WanModel", "sinusoidal_embedding_1d"]
 
+MODEL_TYPES = ("t2v", "i2v")  # i2v: the same DiT, its input = the noise latent + y (mask and image latent)
+
 
 def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
     """[N] -> [N, dim] float64: cos first, then sin, angle = pos * 10000^(-k/half)."""
@@ -157,9 +159,10 @@ class WanModel(nn.Module):
                  freq_dim=256, text_dim=4096, out_dim=16, num_heads=16, num_layers=32, window_size=(-1, -1),
                  qk_norm=True, cross_attn_norm=True, eps=1e-6):
         super().__init__()
-        if model_type != "t2v":
-            raise ValueError(f"this project implements the t2v DiT only (config.json has model_type={model_type!r}); "
-                             "point --ckpt_dir at a Wan2.2-T2V-A14B checkpoint")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"this project implements the {' and '.join(MODEL_TYPES)} DiTs (config.json has "
+                             f"model_type={model_type!r}); point --ckpt_dir at a Wan2.2-T2V-A14B or I2V-A14B "
+                             "checkpoint")
         self.config = WanConfig(model_type=model_type, patch_size=patch_size, text_len=text_len, in_dim=in_dim,
                                 dim=dim, ffn_dim=ffn_dim, freq_dim=freq_dim, text_dim=text_dim, out_dim=out_dim,
                                 num_heads=num_heads, num_layers=num_layers, window_size=window_size,
@@ -229,8 +232,9 @@ class WanModel(nn.Module):
     # ---- forward ---------------------------------------------------------------------------------------------
     def embed(self, x: list, t: torch.Tensor, context: list, seq_len: int):
         """Everything before the blocks. Returns (x [B, L, d], e, e0, seq_lens, grids, rope_table, context)."""
-        if self.model_type == "t2v" and any(u.shape[0] != self.in_dim for u in x):
-            raise ValueError(f"latents must have {self.in_dim} channels, got {[tuple(u.shape) for u in x]}")
+        if any(u.shape[0] != self.in_dim for u in x):
+            raise ValueError(f"latents must have {self.in_dim} channels (with y, for i2v), got "
+                             f"{[tuple(u.shape) for u in x]}")
         # 1. patchify: per sample [1, d, F, H/2, W/2] -> [1, F*H'*W', d], right-padded to seq_len
         x = [self.patch_embedding(u.unsqueeze(0)) for u in x]
         grids = [tuple(u.shape[2:]) for u in x]
@@ -254,12 +258,16 @@ class WanModel(nn.Module):
         return x, e, e0, seq_lens, grids, rope_table, context
 
     def forward(self, x: list, t: torch.Tensor, context: list, seq_len: int, y=None) -> list:
-        """x: list of [C_in, F, H, W]; t: [B] (or [B, seq_len]); context: list of [L_i, text_dim].
+        """x: list of [C, F, H, W]; t: [B] (or [B, seq_len]); context: list of [L_i, text_dim]; y (i2v): list of
+        [C_y, F, H, W] conditions, each joined to its x along the channels before the patch embedding (noise first,
+        as the reference), so everything after it (Ulysses sharding, streaming, compile) sees the usual tokens.
 
         Returns a list of fp32 [C_out, F, H, W] (the flow / velocity prediction).
         """
         if y is not None:
-            raise ValueError("y (image conditioning) is for i2v models; t2v takes none")
+            x = [torch.cat([u, v]) for u, v in zip(x, y, strict=True)]
+        elif self.model_type == "i2v":
+            raise ValueError("the i2v DiT needs y (the image condition: first-frame mask and image latent)")
         x, e, e0, seq_lens, grids, rope_table, context = self.embed(x, t, context, seq_len)
         # with a Ulysses group: this rank's tokens from here to the head (per-token e / e0 / RoPE rows with them)
         x, e, e0, rope_table = shard_tokens(self.sp_group, x, e, e0, rope_table)

@@ -1,8 +1,11 @@
-"""The built-in tiny model (task t2v-tiny): random weights from fixed seeds, written as a real checkpoint folder in
-the official Wan2.2-T2V-A14B layout and then loaded through the real loaders. Its video is noise.
+"""The built-in tiny models (tasks t2v-tiny and i2v-tiny): random weights from fixed seeds, written as a real checkpoint
+folder in the official Wan2.2-T2V-A14B / -I2V-A14B layout and then loaded through the real loaders. Their videos are
+noise.
 
 Layout written: models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/ (a sentencepiece tokenizer trained offline),
 Wan2.1_VAE.pth (base_dim 8), high_noise_model/ and low_noise_model/ (config.json + sharded safetensors + index).
+The two tasks share T5 and the VAE; their experts differ (i2v: model_type i2v, in_dim 36), and each task has its own
+cache folder.
 """
 from __future__ import annotations
 
@@ -21,51 +24,65 @@ MARKER = ".wan_tiny_complete"
 TINY_SEEDS = {"high_noise_model": 1, "low_noise_model": 2, "t5": 3, "vae": 4}
 
 
-def default_tiny_dir() -> Path:
+def default_tiny_dir(task: str = "t2v-tiny") -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "wan22" / f"t2v-tiny-v{FORMAT_VERSION}"
+    return Path(base) / "wan22" / f"{task}-v{FORMAT_VERSION}"
 
 
-def build_tiny_dit(seed: int):
-    """The tiny DiT (configs.model_config.TINY; text_dim stays 4096, config.json cannot change it)."""
+def tiny_arch(task: str = "t2v-tiny"):
+    """The DiT architecture of a tiny task (configs.model_config.TINY or TINY_I2V)."""
+    from ..configs import WAN_CONFIGS
+
+    cfg = WAN_CONFIGS.get(task)
+    if cfg is None or cfg.needs_ckpt_dir:
+        raise ValueError(f"{task!r} is not a tiny task; choose one of "
+                         f"{', '.join(n for n, c in WAN_CONFIGS.items() if not c.needs_ckpt_dir)}")
+    return cfg.arch
+
+
+def build_tiny_dit(seed: int, arch=None):
+    """A tiny DiT (default configs.model_config.TINY; text_dim stays 4096, config.json cannot change it)."""
     from ..configs.model_config import TINY
     from ..modules.model import WanModel
     from .random_init import randomize_weights_
 
-    return randomize_weights_(WanModel.from_config(TINY), seed=seed).eval()
+    return randomize_weights_(WanModel.from_config(arch or TINY), seed=seed).eval()
 
 
-def write_tiny_checkpoint(folder) -> Path:
-    """Write every file of the tiny checkpoint into `folder` (deterministic: same bytes of weights every time)."""
+def write_tiny_checkpoint(folder, task: str = "t2v-tiny") -> Path:
+    """Write every file of a tiny task's checkpoint into `folder` (deterministic: same bytes of weights every
+    time)."""
     from ..modules.checkpoint import save_wan_model
     from .tiny_t5 import write_tiny_t5
     from .tiny_vae import write_tiny_vae_checkpoint
 
+    arch = tiny_arch(task)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_tiny_t5(str(folder), seed=TINY_SEEDS["t5"], d_model=4096)
     write_tiny_vae_checkpoint(str(folder / "Wan2.1_VAE.pth"), seed=TINY_SEEDS["vae"])
     for sub in ("high_noise_model", "low_noise_model"):
         # small shards so the sharded-index path is exercised like the real 6-shard experts
-        save_wan_model(build_tiny_dit(TINY_SEEDS[sub]), folder / sub, max_shard_bytes=2 * 2**20)
+        save_wan_model(build_tiny_dit(TINY_SEEDS[sub], arch), folder / sub, max_shard_bytes=2 * 2**20)
     (folder / MARKER).write_text(FORMAT_VERSION)
     return folder
 
 
-def ensure_tiny_checkpoint(ckpt_dir=None) -> Path:
-    """The tiny checkpoint folder, written once (atomically: a temp folder renamed into place)."""
-    folder = Path(ckpt_dir) if ckpt_dir else default_tiny_dir()
+def ensure_tiny_checkpoint(ckpt_dir=None, task: str = "t2v-tiny") -> Path:
+    """The tiny task's checkpoint folder, written once (atomically: a temp folder renamed into place)."""
+    tiny_arch(task)  # a tiny task, before anything is written
+    folder = Path(ckpt_dir) if ckpt_dir else default_tiny_dir(task)
     if (folder / MARKER).is_file():
         return folder
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"{folder} exists but is not a complete tiny checkpoint; remove it or pick another "
-                              "--ckpt_dir for --task t2v-tiny")
+                              f"--ckpt_dir for --task {task}")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         log.info("writing the tiny random checkpoint to %s", folder)
         with torch.random.fork_rng():
-            write_tiny_checkpoint(tmp)
+            write_tiny_checkpoint(tmp, task)
         if folder.exists():
             folder.rmdir()
         os.replace(tmp, folder)
