@@ -101,8 +101,9 @@ def _full_key(r: dict) -> str:
 
 
 def _fewstep_key(r: dict) -> str:
-    return (f"4-step video {r['fewstep']['steady_video_s']['median']:.1f} s; 40-step row "
-            f"{r['row_40_steps']['per_forward_s']:.2f} s/forward")
+    row = r.get("row_40_steps")  # absent with --skip row
+    return (f"4-step video {r['fewstep']['steady_video_s']['median']:.1f} s"
+            + (f"; 40-step row {row['per_forward_s']:.2f} s/forward" if row and "per_forward_s" in row else ""))
 
 
 def _bench(module: str, *args: str, deadline: bool = True) -> tuple[str, ...]:
@@ -114,17 +115,22 @@ _FAST = json.dumps(fast_options().changed())  # generate.py --fast
 _FEWSTEP_OPTIONS = json.dumps({**FAST_PRESET, "vae_dtype": "bf16"})
 _FP8_VARIANT = "fp8 all + flash3_fp8=" + json.dumps({"fp8_linear": "all", "attn_backend": "flash3_fp8"})
 
-# Priority order (issue 18). Estimates from the committed H200 results (benchmarks/results/) plus about 15% for an
-# H100, each rounded up: process start, random full-size experts built on the GPU (and pinned on the host when
-# streamed), compile, the timed part.
+# The GPU test files (pytest collects only these on the GPU machine: CPU-only test modules may import packages that
+# the GPU image lacks); tests/test_backlog.py checks that every test marked gpu lives in one of them.
+GPU_TEST_FILES = ("tests/test_gpu.py", "tests/test_gpu_fp8.py", "tests/test_gpu_load.py", "tests/test_gpu_vae.py",
+                  "tests/test_qk_rope.py")
+
+# Priority order (issue 18, then issue 19's I2V rows). Estimates: measured on an H100 at a34a1b2 where a row ran
+# there (benchmarks/results/backlog/), else the committed H200 results plus about 15%, each rounded up: process
+# start, random full-size experts built on the GPU (and pinned on the host when streamed), compile, the timed part.
 ROWS: tuple[Row, ...] = (
-    Row("whole_720p_24gb", _bench("memory_tiers", "--res", "720p", "--whole_run", "24", "--only_whole_run"), 300,
+    Row("whole_720p_24gb", _bench("memory_tiers", "--res", "720p", "--whole_run", "24", "--only_whole_run"), 240,
         "the whole 720p --fast run under a 24 GB cap (T5 streamed by layers, 4 Euler steps with CFG over both "
         "experts, banded VAE decode): target at most 22 GB reserved", key=_whole_run_key),
-    Row("gpu_tier", ("python", "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/"), 240,
+    Row("gpu_tier", ("python", "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *GPU_TEST_FILES), 240,
         "the GPU test tier (tests marked gpu): band-order VAE at 720p bf16 (6 GB target), the fused q/k kernel, FFN "
-        "chunks, copy/compute overlap, fp8 kernels (streamed T5 is measured by the whole-run rows)",
-        env=(("WAN_GPU_REPORT", OUT),), key=_pytest_key),
+        "chunks, copy/compute overlap, fp8 kernels, build and load peaks, the I2V encode (streamed T5 is measured by "
+        "the whole-run rows)", env=(("WAN_GPU_REPORT", OUT),), key=_pytest_key),
     Row("stream_480p_16gb", _bench("memory_tiers", "--res", "480p", "--caps", "16", "--ffn_chunks", "4"), 330,
         "480p resident, then block-streamed under a 16 GB cap without and with the FFN in 4 token chunks: target at "
         "most 1.15x resident", key=_tiers_key),
@@ -134,19 +140,29 @@ ROWS: tuple[Row, ...] = (
                                    _FEWSTEP_OPTIONS, "--variant", _FP8_VARIANT), 420,
         "the 4-step 720p video with fp8 linears and fp8 attention beside the bf16 one, its error and the GB of both "
         "fp8 experts on the GPU: targets at most 35 s and 34 GB", key=_fp8_key),
-    Row("waterfall_720p_fused", _bench("waterfall", "--res", "720p", "--rows", "8,9", "--peer", "--steps", "3"), 280,
-        "720p: the --fast row, + fused_qk_rope, and the diffusers peer, three timed steps per row",
+    Row("waterfall_720p_peer", _bench("waterfall", "--res", "720p", "--rows", "8", "--peer", "--steps", "3"), 300,
+        "720p: the --fast row and the diffusers peer, three timed steps / forwards each (the + fused_qk_rope row "
+        "waits for the kernel to compile: refused with --compile since the H100 run)", key=_waterfall_key),
+    Row("waterfall_720p_h100", _bench("waterfall", "--res", "720p", "--rows", "1,8", "--peer", "--steps", "3"), 420,
+        "H100 720p: the reference's single-GPU setting, --fast and the peer in one run", gpus=("h100",),
         key=_waterfall_key),
-    Row("waterfall_720p_h100", _bench("waterfall", "--res", "720p", "--rows", "1,8,9", "--peer", "--steps", "3"), 340,
-        "H100 720p: the reference's single-GPU setting, --fast, + fused_qk_rope and the peer in one run",
-        gpus=("h100",), key=_waterfall_key),
     Row("cli_720p_fast", _bench("rows", "--res", "720p", "full", "--cli_plan", "--options", _FAST, "--sampling_steps",
                                 "4", "--solver", "euler", "--shift", "5", "--guide", "3", "4", "--repeat", "0",
-                                deadline=False), 240,
+                                deadline=False), 180,
         "H100 720p: the plain --fast whole run (4 Euler steps with CFG over both experts: 40 do not fit a call) on "
         "the plan generate.py picks for the card's free memory; its peak", gpus=("h100",), key=_full_key),
     Row("fewstep_720p", _bench("fewstep", "--res", "720p", "--repeat", "2"), 470,
         "H100 720p: a 4-step LoRA video beside the 40-step --fast row", gpus=("h100",), key=_fewstep_key),
+    Row("i2v_waterfall_720p", _bench("waterfall", "--task", "i2v", "--res", "720p", "--rows", "1,8", "--beside_t2v",
+                                     "--stages", "--steps", "3"), 480,
+        "I2V 720p: the original I2V path (bf16 experts offloaded), I2V --fast and T2V --fast beside it at the same "
+        "tokens, with the stage costs: target I2V within 2% of T2V per forward", key=_waterfall_key),
+    Row("i2v_encode_720p", _bench("rows", "stages", "--task", "i2v", "--res", "720p", "--vae_dtypes", "fp32,bf16",
+                                  deadline=False), 150,
+        "I2V 720p: the condition's VAE encode in fp32 (the reference) and bf16, plain and --fast_encode, equality "
+        "checked"),
+    Row("i2v_fewstep_720p", _bench("fewstep", "--task", "i2v", "--res", "720p", "--skip", "row"), 420,
+        "I2V 720p: a 4-step video with a random rank-64 LoRA pair: target at most 45 s", key=_fewstep_key),
 )
 
 

@@ -89,10 +89,86 @@ def sourced(table, name: str) -> str:
     return table(load(name)) + f"\n\nsources: {name}"
 
 
+# the 80 GB H100 (issue 18): rows of benchmarks.backlog, one machine session, in backlog/
+H100_FILES = {"waterfall": "backlog/h100_waterfall_720p_fused.json", "cli": "backlog/h100_cli_720p_fast.json",
+              "whole24": "backlog/h100_whole_720p_24gb.json", "tier": "backlog/h100_gpu_tier.json"}
+
+
+def _clocks(gpu: list | dict) -> str:
+    states = gpu if isinstance(gpu, list) else [gpu]
+    mhz, watts = [g["sm_clock_mhz"] for g in states], [g["power_w"] for g in states]
+    return f"SM {min(mhz):.0f}-{max(mhz):.0f} MHz, {min(watts):.0f}-{max(watts):.0f} W"
+
+
+def _whole_run(run: dict) -> tuple[str, str]:
+    first = run["runs"][0]
+    st = first["stages"]
+    dit = st.get("dit_high", 0) + st.get("dit_low", 0)
+    return (f"{run['first_video_s']:.1f} s (text {st['text_encode']:.1f}, DiT {dit:.1f}, VAE {st['vae_decode']:.1f})",
+            f"{first['peak_gb']:.1f} / {first['peak_reserved_gb']:.1f}")
+
+
+def h100_tables() -> str:
+    """Does 720p fit an 80 GB card: the --fast forward and the peer, whole runs through the plan, the GPU tier."""
+    wf, cli, tier = load(H100_FILES["waterfall"]), load(H100_FILES["cli"]), load(H100_FILES["tier"])
+    whole24 = load(H100_FILES["whole24"])["whole_run"]
+    env = wf["env"]
+    fast, peer = wf["rows"][0], wf["peer"]
+    sp = fast["step_spread"]
+    lines = [f"### {env['gpu']} (79.18 GiB), 720p, 81 frames, torch {env['torch']}, commit {env['git_commit']}",
+             "| run | placement (plan) | time | peak GB allocated / reserved | notes |", "|---|---|---|---|---|",
+             f"| --fast forward (FA3, compiled, batch-2 CFG), both experts built and resident | resident | "
+             f"{fast['per_forward_s']:.3f} s per forward (step median {sp['median']:.2f}, min {sp['min']:.2f}, max "
+             f"{sp['max']:.2f}, n {sp['n']}) | {fast['peak_gb']:.1f} / {fast['peak_reserved_gb']:.1f} | "
+             f"{_clocks(fast['gpu'])} |",
+             f"| peer: {peer['peer']}, one timed forward per batch size | - | "
+             f"{peer['batch1']['per_sample_forward_s']:.3f} s (batch 1), "
+             f"{peer['batch2']['per_sample_forward_s']:.3f} s per sample (batch 2) | "
+             f"{peer['peak_gb']:.1f} / {peer['batch1']['peak_reserved_gb']:.1f} | {_clocks(peer['batch1']['gpu'])} |"]
+    for label, run in ((f"whole --fast run as generate.py plans it ({cli['cli_plan']['free_gb']:.1f} GB free)", cli),
+                       ("whole --fast run under `--max_gpu_memory 24`", whole24)):
+        time_s, peak = _whole_run(run)
+        lines.append(f"| {label}: T5, 4 Euler steps with CFG over both experts, VAE; first video, compile included | "
+                     f"{run['memory_plan']} | {time_s} | {peak} | {_clocks(run['runs'][0]['gpu'])} |")
+    t = {k.split("::")[1]: v for k, v in tier["tests"].items()}
+    build, loaded = t["test_random_build_peak_is_the_bf16_model_plus_one_fp32_tensor"], \
+        t["test_loader_peak_is_the_kept_weights_plus_one_fp32_tensor"]
+    vae720, vae480 = t["test_band_order_decode_720p_bf16"], t["test_banded_decode_official_size_fp32[band]"]
+    kernel = t["test_gpu_triton_kernel_at_a14b_width[bf16_w]"]
+    ffn, stream = t["test_ffn_chunks_lower_the_peak_and_keep_the_output"], \
+        t["test_block_streaming_copies_overlap_compute"]
+    lines += ["", "| GPU test (`gpu_tier`) | measured |", "|---|---|",
+              f"| build a 3-block A14B-width expert in bf16 (`materialize_random_`) | {build['kept_gb']:.2f} GB kept, "
+              f"peak {build['extra_mb']:.0f} MB above it = one fp32 tensor (the largest, "
+              f"{build['largest_fp32_mb']:.0f} MB) |",
+              f"| load it from {loaded['shards']} fp32 shards into bf16 on the GPU | peak {loaded['extra_mb']:.0f} MB "
+              "above the kept weights |",
+              f"| VAE decode 1280x720x81 in bf16, 4 bands (band order) vs whole frames | peak "
+              f"{vae720['whole_peak_gb']:.2f} -> {vae720['banded_peak_gb']:.2f} GB, {vae720['whole_s']:.2f} -> "
+              f"{vae720['banded_s']:.2f} s; max abs {vae720['max_abs']:.1e} from the whole-frame bf16 video (PSNR "
+              f"{vae720['psnr_db']:.1f} dB) |",
+              f"| VAE decode 832x480x9 in fp32, band order vs whole frames | "
+              f"{'bit exact' if vae480['bit_exact'] else 'max abs ' + format(vae480['max_abs'], '.1e')}; peak "
+              f"{vae480['whole_peak_gib']:.2f} -> {vae480['banded_peak_gib']:.2f} GiB, {vae480['whole_s']:.2f} -> "
+              f"{vae480['banded_s']:.2f} s |",
+              f"| fused q/k RMSNorm + RoPE kernel, [2, 4096, 40, 128] bf16 | {kernel['fused_triton_ms']:.3f} ms vs "
+              f"{kernel['unfused_compiled_ms']:.3f} ms compiled unfused ({kernel['unfused_eager_ms']:.2f} eager); "
+              f"{kernel['mismatch_fraction']:.1e} of values differ, at most {kernel['max_pair_ulps']:.0f} bf16 ulps; "
+              "a compiled block around it fails to build (InductorError) |",
+              "| FFN in 4 token chunks, one compiled A14B block, 480p tokens, batch 2 | peak "
+              f"{ffn['peak_gb']['4']:.2f} GB with chunks, {ffn['peak_gb']['0']:.2f} GB without; output within "
+              f"{ffn['chunked_vs_whole']:.1e} |",
+              f"| block streaming, 6 A14B blocks through 2 slots, 480p tokens | {100 * stream['covered_fraction']:.0f}%"
+              f" of the block copies under compute; streamed forward {stream['ratio']:.3f}x resident |",
+              "", "sources: " + ", ".join(H100_FILES.values())]
+    return "\n".join(lines)
+
+
 def report() -> str:
     parts = [waterfall_table(n) for n in STAGE_SOURCES] + [full_table()] + [fewstep_table(n) for n in FEWSTEP_FILES]
     parts += [sourced(memory_tiers.markdown, n) for n in MEMORY_FILES]
     parts += [sourced(fp8.markdown, n) for n in FP8_FILES]
+    parts += [h100_tables()]
     return "\n\n".join(parts)
 
 

@@ -41,7 +41,7 @@ def test_only_rows_done_ok_at_this_code_version_on_this_gpu_are_skipped(tmp_path
     done_file(b, "stream_480p_16gb", gpu_slug="h200")  # other GPU
     done_file(b, "whole_480p_16gb", status="failed")
     done_file(b, "fewstep_720p_fp8", status="timed_out")
-    done_file(b, "waterfall_720p_fused", command=["python", "-m", "benchmarks.waterfall", "--rows", "8"])  # other args
+    done_file(b, "waterfall_720p_peer", command=["python", "-m", "benchmarks.waterfall", "--rows", "9"])  # other args
     (b / "broken.json").write_text("{not json")
     (b / "list.json").write_text("[1, 2]")
     done = backlog.find_done([a, b, tmp_path / "missing"], backlog.ROWS, "h100", "code-v1")
@@ -49,7 +49,7 @@ def test_only_rows_done_ok_at_this_code_version_on_this_gpu_are_skipped(tmp_path
     why = dict((r.name, w) for r, w in backlog.plan(backlog.ROWS, "h100", done, chosen=False))
     assert why["whole_720p_24gb"].startswith("done: ok at this code version on h100")
     assert all(why[n] == "pending" for n in ("gpu_tier", "stream_480p_16gb", "whole_480p_16gb", "fewstep_720p_fp8",
-                                             "waterfall_720p_fused"))
+                                             "waterfall_720p_peer"))
     assert why["cli_720p_fast"] == "pending"  # an H100 row on an H100
     on_h200 = dict((r.name, w) for r, w in backlog.plan(backlog.ROWS, "h200", {}, chosen=False))
     assert on_h200["cli_720p_fast"].startswith("not for this GPU") and on_h200["gpu_tier"] == "pending"
@@ -63,7 +63,7 @@ def test_list_plans_without_running(tmp_path, capsys):
     assert backlog.main(["--list", "--gpu", "h100", "--out", str(tmp_path / "out"), "--done", str(tmp_path),
                          "--deadline", "540"]) == 0
     out = capsys.readouterr().out
-    assert "| whole_720p_24gb | 300 | any | would run at about 0-300 s |" in out
+    assert "| whole_720p_24gb | 240 | any | would run at about 0-240 s |" in out
     assert "| gpu_tier | 240 | any | done: ok at this code version on h100" in out
     assert "| fewstep_720p | 470 | h100 | pending, would not start" in out
     assert not (tmp_path / "out").exists()
@@ -213,6 +213,15 @@ def test_sigterm_to_the_backlog_stops_and_records_the_running_row(tmp_path):
     assert json.loads((out / "h100_sleeper.json").read_text())["backlog"]["status"] == "interrupted"
 
 
+def test_every_gpu_test_is_in_the_gpu_tier_files():
+    """The gpu_tier row collects only backlog.GPU_TEST_FILES (CPU-only modules may import what the GPU image
+    lacks): every test marked gpu must live in one of them."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "tests/"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    files = {line.split("::")[0] for line in out.stdout.splitlines() if "::" in line}
+    assert files and files <= set(backlog.GPU_TEST_FILES), files - set(backlog.GPU_TEST_FILES)
+
+
 def test_every_row_parses_with_its_own_benchmark_parser():
     import importlib
 
@@ -274,7 +283,7 @@ def test_summary_numbers_read_the_benchmarks_records_and_the_docs_name_every_row
         return json.loads((ROOT / "benchmarks/results" / name).read_text())
 
     keys = {r.name: r.key for r in backlog.ROWS}
-    assert keys["waterfall_720p_fused"](load("h200_720p_waterfall.json")).startswith("s/forward 13.56, ")
+    assert keys["waterfall_720p_peer"](load("h200_720p_waterfall.json")).startswith("s/forward 13.56, ")
     assert keys["fewstep_720p"](load("h200_720p_fewstep.json")) == "4-step video 47.2 s; 40-step row 10.24 s/forward"
     assert keys["stream_480p_16gb"](load("h200_720p_memory_tiers_24gb.json")) == "x1.002 of resident, 18.6 GB reserved"
     assert keys["gpu_tier"](load("gpu_tier.json")) == "15 passed"

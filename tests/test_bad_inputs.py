@@ -194,6 +194,7 @@ CASES = [
     Case("ffn-chunks-out-of-range", lambda e: std(e, "--ffn_chunks", "17"), 2, "ffn_chunks must be 0 (whole) or 2..16"),
     Case("fused-qk-rope-without-fast-rope", lambda e: std(e, "--fused_qk_rope"), 2, "add --fast_rope (or --fast)"),
     Case("fused-qk-rope-on-cpu", lambda e: std(e, "--fused_qk_rope", "--fast_rope"), 2, "leave it off"),
+    Case("fused-qk-rope-with-compile", lambda e: std(e, "--fused_qk_rope", "--fast"), 2, "add --compile false"),
     Case("unknown-flag", lambda e: std(e, "--sample_stepz", "3"), 2, "unrecognized arguments", True),
     Case("unknown-task", lambda e: std(e, "--task", "t2v-5B"), 2, "unknown task"),
     Case("prompt-extend", lambda e: std(e, "--use_prompt_extend"), 2, "not supported"),

@@ -191,6 +191,9 @@ def test_pipeline_refuses_before_loading(tmp_path):
                options=RuntimeOptions(fast_rope=True, fused_qk_rope=True))
     with pytest.raises(ValueError, match="--fast_rope"):
         WanT2V(WAN_CONFIGS["t2v-tiny"], missing, device="cpu", options=RuntimeOptions(fused_qk_rope=True))
+    with pytest.raises(ValueError, match="--compile false"):  # inductor fails around the kernel (H100, torch 2.11)
+        WanT2V(WAN_CONFIGS["t2v-tiny"], missing, device="cpu",
+               options=RuntimeOptions(fast_rope=True, fused_qk_rope=True, compile=True))
 
 
 def test_pipeline_call_configures_and_records_it(tiny_pipe, monkeypatch):
@@ -348,6 +351,9 @@ def _cuda_ms(fn, *args, reps=20):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.xfail(strict=True, reason="InductorError compiling the block around the Triton op (H100, torch 2.11, "
+                   "a34a1b2, benchmarks/results/backlog/h100_gpu_tier.json); the CLI and pipeline refuse "
+                   "--fused_qk_rope with --compile until this passes")
 def test_gpu_compiled_block_with_triton_kernel_has_no_graph_break(gpu_record):
     """A bf16 block (2 heads of 128) compiled with fullgraph=True around the Triton op, under the pipeline's bf16
     autocast: the same result as the eager block, close to the compiled unfused block."""

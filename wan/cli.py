@@ -369,7 +369,7 @@ def _check_device_kernels(options, device_arg: str | None) -> None:
         from .modules.qk_rope import check_request
 
         try:
-            check_request(options.fast_rope, device)
+            check_request(options.fast_rope, device, options.compile)
         except (ValueError, BackendUnavailableError) as exc:
             raise UsageError(str(exc)) from exc
 

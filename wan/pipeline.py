@@ -343,7 +343,7 @@ class WanPipeline:
         """options.fused_qk_rope: the Triton kernel (probed), or a one-line error where it cannot run; None if off."""
         if not options.fused_qk_rope:
             return None
-        check_request(options.fast_rope)
+        check_request(options.fast_rope, compile=options.compile)
         return resolve_qk_rope(self.device)  # the device checks, triton, a probe
 
     def _per_call(self, offload_model, options: RuntimeOptions | None, prompt: str, frame_num: int, guide_scale):

@@ -70,11 +70,14 @@ def triton_available() -> bool:
     return True
 
 
-def check_request(fast_rope: bool, device=None) -> None:
-    """The cheap checks of --fused_qk_rope (no triton import): ValueError without the fast RoPE, and (with a
-    `device`) BackendUnavailableError off CUDA; each one line naming the fix."""
+def check_request(fast_rope: bool, device=None, compile: bool = False) -> None:
+    """The cheap checks of --fused_qk_rope (no triton import): ValueError without the fast RoPE or with torch.compile,
+    and (with a `device`) BackendUnavailableError off CUDA; each one line naming the fix."""
     if not fast_rope:
         raise ValueError("--fused_qk_rope applies the fast RoPE's cos/sin tables: add --fast_rope (or --fast)")
+    if compile:  # measured on an H100 (torch 2.11): InductorError building the block around the kernel
+        raise ValueError("--fused_qk_rope does not compile yet: torch.compile (inductor, torch 2.11) fails to build "
+                         "the DiT block around its Triton kernel; add --compile false, or leave it off")
     if device is not None and torch.device(device).type != "cuda":
         raise BackendUnavailableError(f"--fused_qk_rope is a Triton kernel for CUDA GPUs and cannot run on {device}; "
                                       "leave it off")
