@@ -105,6 +105,22 @@ def _fewstep_key(r: dict) -> str:
             f"{r['row_40_steps']['per_forward_s']:.2f} s/forward")
 
 
+def _cache_ab_key(r: dict) -> str:
+    ab = r["cache_ab"]
+    err = ab["video_vs_uncached"]
+    return (f"video {ab['video_s']['uncached']:.0f} -> {ab['video_s']['cached']:.0f} s ({ab['video_ratio']:.3f}x), "
+            f"DiT {ab['dit_ratio']:.3f}x, {ab['cache']['computed_calls']}/{ab['cache']['calls']} calls; PSNR "
+            f"{err['psnr_mean_db']:.1f} dB, SSIM {err['ssim_mean']:.3f}, latent rel {ab['latent_rel_diff']:.1e}")
+
+
+def _cache_cost_key(r: dict) -> str:
+    cost = r["rows"][-1]["cache_cost"]
+    mag = cost["magcache"]
+    return (f"reused step {mag['reused_over_computed']:.1%} (magcache), "
+            f"{cost['easycache']['reused_over_computed']:.1%} (easycache) of a computed one; magcache DiT projected "
+            f"{mag['projected_dit_ratio']:.3f}x")
+
+
 def _bench(module: str, *args: str, deadline: bool = True) -> tuple[str, ...]:
     return ("python", "-m", f"benchmarks.{module}", *args, *(("--deadline", DEADLINE, "--out", OUT) if deadline
                                                                else ()))
@@ -113,6 +129,15 @@ def _bench(module: str, *args: str, deadline: bool = True) -> tuple[str, ...]:
 _FAST = json.dumps(fast_options().changed())  # generate.py --fast
 _FEWSTEP_OPTIONS = json.dumps({**FAST_PRESET, "vae_dtype": "bf16"})
 _FP8_VARIANT = "fp8 all + flash3_fp8=" + json.dumps({"fp8_linear": "all", "attn_backend": "flash3_fp8"})
+_FAST_FP8 = json.dumps({**fast_options().changed(), "fp8_linear": "all", "attn_backend": "flash3_fp8"})
+
+
+def _cache_ab(options: str, cache: str) -> tuple[str, ...]:
+    """A whole 480p 40-step video with `options`, then with a step cache, on the same weights (benchmarks.rows full):
+    a one-step generation first compiles, so both timed videos are steady."""
+    return _bench("rows", "--res", "480p", "full", "--options", options, "--sampling_steps", "40", "--repeat", "0",
+                  "--warmup_steps", "1", "--cache_variant", json.dumps({"cache": cache}), deadline=False)
+
 
 # Priority order (issue 18). Estimates from the committed H200 results (benchmarks/results/) plus about 15% for an
 # H100, each rounded up: process start, random full-size experts built on the GPU (and pinned on the host when
@@ -147,6 +172,23 @@ ROWS: tuple[Row, ...] = (
         "the plan generate.py picks for the card's free memory; its peak", gpus=("h100",), key=_full_key),
     Row("fewstep_720p", _bench("fewstep", "--res", "720p", "--repeat", "2"), 470,
         "H100 720p: a 4-step LoRA video beside the 40-step --fast row", gpus=("h100",), key=_fewstep_key),
+    # step caching (issue 22): estimates from h200_480p_full_generation.json (218 s per --fast video, 17 s build) and
+    # the 720p waterfall rows, plus about 15% for an H100
+    Row("cache_480p_magcache", _cache_ab(_FAST, "magcache"), 500,
+        "a whole 480p 40-step --fast video without and with --cache magcache (published settings, 52 of 80 calls) on "
+        "the same weights: video and DiT seconds, latent drift and decoded-video PSNR / SSIM against the uncached "
+        "video (random weights: numerics, not quality)", key=_cache_ab_key),
+    Row("cache_720p_projection", _bench("waterfall", "--res", "720p", "--rows", "8", "--steps", "3", "--cache_cost",
+                                        "magcache,easycache"), 330,
+        "720p --fast: a reused step of each cache against a computed one, through the real loop (target: at most 3%), "
+        "and MagCache's 40-step DiT time projected from them and its schedule (target: at most 0.67x)",
+        key=_cache_cost_key),
+    Row("cache_480p_easycache", _cache_ab(_FAST, "easycache"), 500,
+        "the 480p A/B with --cache easycache (adaptive: on random weights its schedule shows the mechanics, not the "
+        "reuse real weights allow)", key=_cache_ab_key),
+    Row("cache_480p_magcache_fp8", _cache_ab(_FAST_FP8, "magcache"), 480,
+        "the 480p A/B of --cache magcache on top of the fp8 tier (fp8 linears and fp8 attention in both videos)",
+        key=_cache_ab_key),
 )
 
 

@@ -44,9 +44,11 @@ VAE_ENCODE_BYTES_PER_PIXEL = {"fp32": 225.0, "bf16": 115.0}
 # hold 81.6% of its weights (the token embedding, 256,384 x 4,096, stays on the host): 2 x 0.816 / 24 of T5's bytes.
 T5_STREAMED_FRACTION = 2 * 0.816 / 24
 # Step caching (wan/step_cache.py) holds tensors across steps, on top of the denoising peak: MagCache (and its
-# calibration) one fp32 residual of the block stack per CFG branch, [tokens, dim] (720p: 1.55 GB each); EasyCache a
-# few latent-sized fp32 tensors (per branch v - x, plus the inputs and the output its rate needs).
+# calibration) one fp32 residual of the block stack per CFG branch, [tokens, dim] (720p: 1.55 GB each), and while the
+# blocks run their bf16 input, kept to form the new residual; EasyCache a few latent-sized fp32 tensors (per branch
+# v - x, plus the inputs and the output its rate needs).
 CACHE_RESIDUALS = 2  # CFG branches (the plan does not know the guidance scale; guidance 1 needs one)
+RESIDUAL_BYTES = 4 + 2  # per token and channel: the fp32 residual, the bf16 block input
 EASYCACHE_LATENTS = 8
 HEADROOM = 1.05  # allocator fragmentation on top of the estimate
 # The budget caps what the allocator reserves, and reserved runs above allocated (the 24 GB row: 14.5 GB allocated,
@@ -96,7 +98,7 @@ class MemoryPlan:
 def cache_bytes(method: str, arch, tokens: int, latent_elements: int) -> float:
     """Bytes a step cache keeps between steps: `method` magcache / calibrate / easycache / none."""
     if method in ("magcache", "calibrate"):
-        return CACHE_RESIDUALS * tokens * arch.dim * 4.0
+        return float(CACHE_RESIDUALS * tokens * arch.dim * RESIDUAL_BYTES)
     if method == "easycache":
         return EASYCACHE_LATENTS * latent_elements * 4.0
     return 0.0
