@@ -363,6 +363,9 @@ class MagCache(_Policy):
         if expert != self.expert:  # the expert's first step (computed): nothing of the other expert is kept
             self.residuals.clear()
             self.expert = expert
+        if expert in self.settings.uncached:  # computed at every step (published I2V: high-noise): the plain DiT
+            self._mark(i, True)
+            return model
         return _ResidualStep(self.residuals, model, self._mark(i, self.schedule[i]))
 
     def finish(self, result) -> None:
