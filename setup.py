@@ -10,6 +10,7 @@ setup(
     version="0.1.0",
     description="Faithful, fast Wan 2.2 T2V-A14B inference in PyTorch",
     packages=find_packages(include=["wan", "wan.*"]),
+    package_data={"wan": ["configs/*.json"]},  # the published step-cache ratios (wan/step_cache.py)
     python_requires=">=3.10",
     install_requires=requirements,
     extras_require={"fa3": ["fa3-fwd"], "flash2": ["flash-attn"], "test": ["pytest", "ruff"]},

@@ -106,6 +106,22 @@ def _fewstep_key(r: dict) -> str:
             + (f"; 40-step row {row['per_forward_s']:.2f} s/forward" if row and "per_forward_s" in row else ""))
 
 
+def _cache_ab_key(r: dict) -> str:
+    ab = r["cache_ab"]
+    err = ab["video_vs_uncached"]
+    return (f"video {ab['video_s']['uncached']:.0f} -> {ab['video_s']['cached']:.0f} s ({ab['video_ratio']:.3f}x), "
+            f"DiT {ab['dit_ratio']:.3f}x, {ab['cache']['computed_calls']}/{ab['cache']['calls']} calls; PSNR "
+            f"{err['psnr_mean_db']:.1f} dB, SSIM {err['ssim_mean']:.3f}, latent rel {ab['latent_rel_diff']:.1e}")
+
+
+def _cache_cost_key(r: dict) -> str:
+    cost = r["rows"][-1]["cache_cost"]
+    mag = cost["magcache"]
+    return (f"reused step {mag['reused_over_computed']:.1%} (magcache), "
+            f"{cost['easycache']['reused_over_computed']:.1%} (easycache) of a computed one; magcache DiT projected "
+            f"{mag['projected_dit_ratio']:.3f}x")
+
+
 def _bench(module: str, *args: str, deadline: bool = True) -> tuple[str, ...]:
     return ("python", "-m", f"benchmarks.{module}", *args, *(("--deadline", DEADLINE, "--out", OUT) if deadline
                                                                else ()))
@@ -114,6 +130,15 @@ def _bench(module: str, *args: str, deadline: bool = True) -> tuple[str, ...]:
 _FAST = json.dumps(fast_options().changed())  # generate.py --fast
 _FEWSTEP_OPTIONS = json.dumps({**FAST_PRESET, "vae_dtype": "bf16"})
 _FP8_VARIANT = "fp8 all + flash3_fp8=" + json.dumps({"fp8_linear": "all", "attn_backend": "flash3_fp8"})
+_FAST_FP8 = json.dumps({**fast_options().changed(), "fp8_linear": "all", "attn_backend": "flash3_fp8"})
+
+
+def _cache_ab(options: str, cache: str) -> tuple[str, ...]:
+    """A whole 480p 40-step video with `options`, then with a step cache, on the same weights (benchmarks.rows full):
+    a one-step generation first compiles, so both timed videos are steady."""
+    return _bench("rows", "--res", "480p", "full", "--options", options, "--sampling_steps", "40", "--repeat", "0",
+                  "--warmup_steps", "1", "--cache_variant", json.dumps({"cache": cache}), deadline=False)
+
 
 # The GPU test files (pytest collects only these on the GPU machine: CPU-only test modules may import packages that
 # the GPU image lacks); tests/test_backlog.py checks that every test marked gpu lives in one of them.
@@ -127,7 +152,7 @@ ROWS: tuple[Row, ...] = (
     Row("whole_720p_24gb", _bench("memory_tiers", "--res", "720p", "--whole_run", "24", "--only_whole_run"), 240,
         "the whole 720p --fast run under a 24 GB cap (T5 streamed by layers, 4 Euler steps with CFG over both "
         "experts, banded VAE decode): target at most 22 GB reserved", key=_whole_run_key),
-    Row("gpu_tier", ("python", "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *GPU_TEST_FILES), 240,
+    Row("gpu_tier", ("python", "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *GPU_TEST_FILES), 300,
         "the GPU test tier (tests marked gpu): band-order VAE at 720p bf16 (6 GB target), the fused q/k kernel, FFN "
         "chunks, copy/compute overlap, fp8 kernels, build and load peaks, the I2V encode (streamed T5 is measured by "
         "the whole-run rows)", env=(("WAN_GPU_REPORT", OUT),), key=_pytest_key),
@@ -163,6 +188,23 @@ ROWS: tuple[Row, ...] = (
         "checked"),
     Row("i2v_fewstep_720p", _bench("fewstep", "--task", "i2v", "--res", "720p", "--skip", "row"), 420,
         "I2V 720p: a 4-step video with a random rank-64 LoRA pair: target at most 45 s", key=_fewstep_key),
+    # step caching (issue 22): estimates from h200_480p_full_generation.json (218 s per --fast video, 17 s build) and
+    # the 720p waterfall rows, plus about 15% for an H100
+    Row("cache_480p_magcache", _cache_ab(_FAST, "magcache"), 500,
+        "a whole 480p 40-step --fast video without and with --cache magcache (published settings, 52 of 80 calls) on "
+        "the same weights: video and DiT seconds, latent drift and decoded-video PSNR / SSIM against the uncached "
+        "video (random weights: numerics, not quality)", key=_cache_ab_key),
+    Row("cache_720p_projection", _bench("waterfall", "--res", "720p", "--rows", "8", "--steps", "3", "--cache_cost",
+                                        "magcache,easycache"), 330,
+        "720p --fast: a reused step of each cache against a computed one, through the real loop (target: at most 3%), "
+        "and MagCache's 40-step DiT time projected from them and its schedule (target: at most 0.67x)",
+        key=_cache_cost_key),
+    Row("cache_480p_easycache", _cache_ab(_FAST, "easycache"), 500,
+        "the 480p A/B with --cache easycache (adaptive: on random weights its schedule shows the mechanics, not the "
+        "reuse real weights allow)", key=_cache_ab_key),
+    Row("cache_480p_magcache_fp8", _cache_ab(_FAST_FP8, "magcache"), 480,
+        "the 480p A/B of --cache magcache on top of the fp8 tier (fp8 linears and fp8 attention in both videos)",
+        key=_cache_ab_key),
 )
 
 

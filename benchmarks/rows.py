@@ -5,7 +5,11 @@ row:    k denoising steps of the real pipeline loop (WanT2V.sample) with given o
 stages: text encoding, VAE decode and expert CPU<->GPU transfers (what the offloading original path pays); with
         --task i2v also the VAE encode of the condition (the image and F - 1 black frames).
 peer:   diffusers' WanTransformer3DModel forward at the same size, bf16.
-full:   one whole generation (T5 -> 40 steps -> VAE) with both experts, to check the projection.
+full:   one whole generation (T5 -> 40 steps -> VAE) with both experts, to check the projection; with
+        --cache_variant, the same videos once more with a step cache (per-call options on the same loaded pipeline),
+        its speed beside the error against the uncached videos (latent drift, decoded-video PSNR / SSIM).
+row --cache_cost magcache,easycache: also the seconds of a step whose DiT calls are reused against a computed one,
+        through the real loop, and (MagCache) the 40-step DiT time projected from them and the schedule.
 --task i2v: the same with the image-to-video pipeline (WanI2V: 36-channel experts, the condition y with every
 forward) at the same token count (the first frame is a 16:9 picture of the --res size).
 """
@@ -154,11 +158,65 @@ def run_row(args):
             result[f"{key}_max_abs_diff"] = d.max().item()
             result[f"{key}_mean_abs_diff"] = d.mean().item()
             result[f"{key}_rel_diff"] = (d.norm() / ref[key].norm()).item()
+    if args.cache_cost:
+        result["cache_cost"] = {m: cache_cost(pipe, noise, run, m, per_step) for m in args.cache_cost.split(",")}
     if args.profile:
         result["profile"] = profile_forward(pipe, noise, run, args.profile)
     if args.overlap and device.type == "cuda":
         result["overlap"] = profile_overlap(pipe, noise, run)
     return result
+
+
+def cache_cost(pipe, noise, run: dict, method: str, per_step: float) -> dict:
+    """Seconds per step of a step cache `method` (published settings) through the real loop (WanPipeline.sample
+    with the policy given): the first steps computed, then steps whose every DiT call is reused (MagCache: a
+    schedule forced to reuse; EasyCache: a threshold no error reaches, no warm-up: its expert's first two steps
+    compute, the rest reuse). MagCache also: the 40-step schedule at its settings and the DiT time projected from
+    the row's measured computed step (`per_step`) and the measured reused step."""
+    from dataclasses import replace
+
+    from wan.guidance import choose_guidance
+    from wan.step_cache import EasyCache, MagCache, load_ratios, magcache_schedule, resolve
+    from wan.utils.schedulers import build_scheduler, expert_for_timestep
+
+    if method not in ("magcache", "easycache"):
+        raise SystemExit(f"error: --cache_cost takes magcache and / or easycache, got {method!r}")
+    device = noise.device
+    opts = pipe.call_options
+    settings = resolve(replace(opts, cache=method), pipe.config.takes_image)
+    _, timesteps = build_scheduler(run["sample_solver"], run["sampling_steps"], run["shift"], device, 1000)
+    trace = [expert_for_timestep(t, pipe.boundary * 1000) for t in timesteps.tolist()]
+    guidance = {e: choose_guidance(run["guide"][i], opts.batched_cfg, pipe.cfg_group, pipe.cfg_rank)
+                for i, e in enumerate(("low", "high"))}
+    if method == "magcache":
+        forced = [i == 0 or trace[i] != trace[i - 1] for i in range(len(trace))]  # reuse wherever allowed
+        policy, computed_first = MagCache(settings, trace, guidance, schedule=forced), 1
+    else:
+        policy, computed_first = EasyCache(replace(settings, thresh=1e9, warmup=0), trace, guidance, device), 2
+    steps, times = computed_first + 2, []
+    start = [0.0]
+
+    def on_step(i, t, expert, pred):
+        sync(device)
+        times.append(time.perf_counter() - start[0])
+        start[0] = time.perf_counter()
+
+    sync(device)
+    start[0] = time.perf_counter()
+    pipe.sample(noise, max_steps=steps, step_callback=on_step, cache=policy, **run)
+    reused = [s for i, s in enumerate(times) if not policy.computed[i]]
+    out = dict(settings=settings.as_dict(), step_s=times, computed=policy.computed[:steps],
+               reused_step_s=statistics.median(reused), computed_step_s=per_step,
+               reused_over_computed=statistics.median(reused) / per_step)
+    if method == "magcache":
+        schedule = magcache_schedule(load_ratios(settings.ratios).curve(len(trace)), trace, settings.thresh,
+                                     settings.max_skip, settings.retention, settings.uncached)
+        n_reused = schedule.count(False)
+        out.update(schedule_reused_steps=[i for i, c in enumerate(schedule) if not c],
+                   dit_s=len(trace) * per_step,
+                   projected_dit_s=(len(trace) - n_reused) * per_step + n_reused * out["reused_step_s"])
+        out["projected_dit_ratio"] = out["projected_dit_s"] / out["dit_s"]
+    return out
 
 
 def profile_overlap(pipe, noise, run: dict) -> dict:
@@ -377,16 +435,14 @@ def run_full(args):
     else:
         gen.update(size=(w, h))
     prompt = "Two anthropomorphic cats in comfy boxing gear fight on a spotlighted stage."
-    runs = []
-    for i in range(1 + args.repeat):  # run 0: the first video of the process (compile, autotuning included)
-        reset_peak(device)
+    warmup_s = None
+    if args.warmup_steps:  # compile, autotuning and cuDNN plans at the real shape, before anything is timed
         sync(device)
         t0 = time.perf_counter()
-        video = pipe.generate(f"{prompt} Take {i}.", **gen)  # batch mode: a new prompt each video
+        pipe.generate(f"{prompt} Warm-up.", **{**gen, "sampling_steps": args.warmup_steps})
         sync(device)
-        res = pipe.last_result
-        runs.append(dict(total_s=time.perf_counter() - t0, stages=dict(res.timings), **peak_gb(device),
-                         expert_trace=res.expert_trace, gpu=gpu_state(device), first=i == 0))
+        warmup_s = time.perf_counter() - t0
+    runs, last = generations(pipe, prompt, gen, args.repeat, device)
     steady = [r["total_s"] for r in runs[1:]] or [runs[0]["total_s"]]
     out = dict(kind="full", res=args.res, task=args.task, options=pipe.options.changed(),
                backends=pipe.last_result.backends,
@@ -394,17 +450,64 @@ def run_full(args):
                placement=pipe.placement.describe(), cli_plan=cli_plan, expert_weights_gb=weights_gb,
                build_s=build_s, load_timings=pipe.load_timings, sampling_steps=args.sampling_steps,
                solver=args.solver, guide=args.guide, shift=args.shift, lora_rank=args.lora_rank,
-               first_video_s=runs[0]["total_s"], steady_video_s=spread(steady), runs=runs)
+               first_video_s=runs[0]["total_s"], steady_video_s=spread(steady), runs=runs, warmup_s=warmup_s,
+               warmup_steps=args.warmup_steps)
+    if args.cache_variant:
+        out["cache_ab"] = cache_ab(pipe, prompt, gen, args, json.loads(args.cache_variant), runs, last, device)
     if args.save:
-        torch.save({"latent": pipe.last_result.latent.float().cpu(), "video": video.float().cpu()}, args.save)
+        torch.save({"latent": last[0], "video": last[1]}, args.save)
     if args.ref:
         ref = torch.load(args.ref, weights_only=True)
         out["compared_with"] = Path(args.ref).name
-        for key, mine in (("latent", pipe.last_result.latent), ("video", video)):
-            d = (mine.float().cpu() - ref[key]).abs()
+        for key, mine in (("latent", last[0]), ("video", last[1])):
+            d = (mine - ref[key]).abs()
             out[f"{key}_max_abs_diff"], out[f"{key}_rel_diff"] = d.max().item(), (d.norm() / ref[key].norm()).item()
-        out["video_vs_ref"] = video_error(video.float().cpu(), ref["video"])
+        out["video_vs_ref"] = video_error(last[1], ref["video"])
     return out
+
+
+def generations(pipe, prompt: str, gen: dict, repeat: int, device, options=None) -> tuple[list, tuple]:
+    """1 + `repeat` whole generations ("Take i": a new prompt each, as batch mode), stage by stage. Returns (the
+    runs' records, (latent, video) of the last take, on the host)."""
+    runs, last = [], None
+    for i in range(1 + repeat):  # run 0: the first video of the process (compile, autotuning included)
+        reset_peak(device)
+        sync(device)
+        t0 = time.perf_counter()
+        video, latent = pipe.generate(f"{prompt} Take {i}.", options=options, return_latents=True, **gen)
+        sync(device)
+        res = pipe.last_result
+        runs.append(dict(total_s=time.perf_counter() - t0, stages=dict(res.timings), **peak_gb(device),
+                         expert_trace=res.expert_trace, gpu=gpu_state(device), first=i == 0))
+        if res.cache is not None:
+            runs[-1]["cache"] = {k: res.cache[k] for k in ("method", "calls", "computed_calls", "reused_steps")}
+        if i == repeat:  # the video only on rank 0
+            last = (latent.float().cpu(), None if video is None else video.float().cpu())
+    return runs, last
+
+
+def cache_ab(pipe, prompt: str, gen: dict, args, overrides: dict, base_runs: list, base: tuple, device) -> dict:
+    """The same videos with a step cache (`overrides`: per-call options) on the same pipeline, weights, prompts
+    and seed: the speed against the uncached runs, and the last take's error against the uncached one (latent drift,
+    decoded-video PSNR / SSIM). Random weights bound the numerics, not the quality of a real video."""
+    from dataclasses import replace
+
+    runs, (latent, video) = generations(pipe, prompt, gen, args.repeat, device, replace(pipe.options, **overrides))
+
+    def steady(rs):
+        return statistics.median(r["total_s"] for r in (rs[1:] or rs))
+
+    def dit(rs):
+        return statistics.median(r["stages"].get("dit_high", 0) + r["stages"].get("dit_low", 0) for r in (rs[1:] or rs))
+
+    d = (latent.double() - base[0].double()).abs()
+    return dict(options=overrides, runs=runs, cache=pipe.last_result.cache, steady_video_s=spread(
+                    [r["total_s"] for r in (runs[1:] or runs)]),
+                video_s={"uncached": steady(base_runs), "cached": steady(runs)},
+                video_ratio=steady(runs) / steady(base_runs), dit_s={"uncached": dit(base_runs), "cached": dit(runs)},
+                dit_ratio=dit(runs) / dit(base_runs), latent_max_abs_diff=d.max().item(),
+                latent_rel_diff=(d.norm() / base[0].double().norm()).item(),
+                video_vs_uncached=None if video is None else video_error(video, base[1]))
 
 
 def gpu_weight_gb(*models) -> float:
@@ -482,6 +585,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae_dtypes", default="fp32", help="stages: VAE decode dtypes, e.g. fp32,bf16")
     p.add_argument("--cli_plan", action="store_true",
                    help="full: as generate.py --fast on one GPU: plan for the card's free memory before building")
+    p.add_argument("--warmup_steps", type=int, default=0,
+                   help="full: a generation of this many steps first (compile, autotuning), not counted")
+    p.add_argument("--cache_variant", default=None, metavar="JSON",
+                   help="full: then the same videos with these per-call option overrides (a step cache, e.g. "
+                        "'{\"cache\": \"magcache\"}'): speed ratio and error against the uncached videos")
+    p.add_argument("--cache_cost", default=None, metavar="METHODS",
+                   help="row: the seconds of a reused step against a computed one, per step cache (magcache, "
+                        "easycache; comma-separated), and MagCache's 40-step projection")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 

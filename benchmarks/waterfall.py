@@ -15,6 +15,13 @@ row's options once more with the t2v pipeline, in the same run, for the I2V / T2
     python -m benchmarks.waterfall --task i2v --res 720p --rows 1,8 --beside_t2v --stages \
         --out benchmarks/results/h100_720p_i2v_waterfall.json
 (row 1: the reference's 80 GB recipe, bf16 experts offloaded; row 8: --fast.)
+
+`--cache_cost magcache,easycache` also times, in each row's process, a step whose DiT calls a step cache reuses
+against a computed one (through the real loop), and projects MagCache's 40-step DiT and video time from the
+measured computed step, the measured reused step and the schedule at its published settings (labelled "projected"):
+
+    python -m benchmarks.waterfall --res 720p --rows 8 --cache_cost magcache,easycache \
+        --out benchmarks/results/h100_720p_cache_projection.json
 """
 from __future__ import annotations
 
@@ -71,9 +78,13 @@ def run_child(args: list[str], timeout: float, nproc: int = 1) -> dict:
 
 
 def projection(row: dict, opts: dict, stages: dict | None) -> dict:
-    """Seconds of a 40-step video for this row (stage costs from `stages` where measured)."""
+    """Seconds of a 40-step video for this row (stage costs from `stages` where measured); with a MagCache cost
+    measured in the row (`--cache_cost`), its DiT (and video) time from the schedule: cached_dit_s, cached_video_s."""
     dit = STEPS * row["per_step_s"]
     out = {"dit_s": dit}
+    mag = (row.get("cache_cost") or {}).get("magcache")
+    if mag:
+        out["cached_dit_s"] = mag["projected_dit_s"]
     if stages and "t5_encode_s" in stages:
         offload = opts.get("offload_model") is not False
         # T5 goes up to encode; only the offloading placement copies it back down (Resident encodes from a temporary
@@ -89,6 +100,8 @@ def projection(row: dict, opts: dict, stages: dict | None) -> dict:
         else:
             out["offload_s"] = 0.0
         out["video_s"] = out["dit_s"] + out["text_s"] + out["vae_s"] + out["offload_s"] + out.get("encode_s", 0.0)
+        if mag:
+            out["cached_video_s"] = out["video_s"] - out["dit_s"] + out["cached_dit_s"]
     return out
 
 
@@ -141,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="one whole 40-step generation with the last row's options")
     p.add_argument("--repeat", type=int, default=1, help="steady generations after the first in the --full process")
     p.add_argument("--profile", default=None, help="profiler summary of one forward of the last row, to this file")
+    p.add_argument("--cache_cost", default=None, metavar="METHODS",
+                   help="per row: a reused step of these step caches (magcache, easycache) against a computed one, "
+                        "and MagCache's projected 40-step time")
     p.add_argument("--deadline", type=float, default=560, help="seconds: skip what would start after this")
     p.add_argument("--out", default=None, help="JSON result file")
     return p
@@ -178,6 +194,8 @@ def main(argv=None) -> int:
             extra = ["--save", str(ref)] if i == 0 else (["--ref", str(ref)] if ref.exists() else [])
             if args.profile and i == len(WATERFALL) - 1:
                 extra += ["--profile", args.profile]
+            if args.cache_cost:
+                extra += ["--cache_cost", args.cache_cost]
             row = run_child([*common, "row", "--steps", str(args.steps), "--options", json.dumps(opts)] + extra, left())
             row.pop("options", None)
         row.update(label=label, options=dict(opts))
@@ -265,6 +283,18 @@ def markdown(record: dict) -> str:
                      f"{r['peak_gb']:.1f} ({r['resident_experts']} expert{'s' if r['resident_experts'] > 1 else ''}) | "
                      f"{r['backend']} | {diff[0]} | {diff[1]} |")
         prev = r
+    for r in rows:
+        for method, c in (r.get("cache_cost") or {}).items() if "error" not in r else ():
+            line = (f"\n{r['label']}, --cache {method}: a reused step {c['reused_step_s']:.3f} s against a computed "
+                    f"{c['computed_step_s']:.3f} s ({c['reused_over_computed']:.1%}; measured)")
+            if "projected_dit_s" in c:
+                n = len(c["schedule_reused_steps"])
+                proj = r["projection"]
+                video = (f", video {proj['video_s']:.1f} -> {proj['cached_video_s']:.1f} s"
+                         if "cached_video_s" in proj else "")
+                line += (f"; projected from these and the schedule ({STEPS - n} of {STEPS} steps computed): DiT "
+                         f"{c['dit_s']:.1f} -> {c['projected_dit_s']:.1f} s ({c['projected_dit_ratio']:.3f}x){video}")
+            lines.append(line)
     beside = record.get("t2v_beside")
     if beside and "error" not in beside and rows and "error" not in rows[-1]:
         ratio = rows[-1]["per_forward_s"] / beside["per_forward_s"]

@@ -64,7 +64,7 @@ def test_list_plans_without_running(tmp_path, capsys):
                          "--deadline", "540"]) == 0
     out = capsys.readouterr().out
     assert "| whole_720p_24gb | 240 | any | would run at about 0-240 s |" in out
-    assert "| gpu_tier | 240 | any | done: ok at this code version on h100" in out
+    assert "| gpu_tier | 300 | any | done: ok at this code version on h100" in out
     assert "| fewstep_720p | 470 | h100 | pending, would not start" in out
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit):

@@ -160,6 +160,16 @@ def _prompts(e: Env, text: str | bytes) -> Path:
     return _write(e, "prompts.txt", text)
 
 
+CACHE12 = ("--sample_steps", "12", "--cache", "magcache")  # a step count the caches accept
+
+
+def _lora_dir(e: Env) -> Path:
+    """A Lightning-layout folder (only its files' presence is checked before the step count)."""
+    for name in ("high_noise_model.safetensors", "low_noise_model.safetensors"):
+        _write(e, f"lora/{name}", b"x")
+    return e.tmp / "lora"
+
+
 # ---- the table ----------------------------------------------------------------------------------------------------
 CASES = [
     # numbers: finite, in range, the flag and the range named
@@ -280,6 +290,44 @@ CASES = [
     Case("image-file-no-usable-image", lambda e: i2v_batch(e, "a cat\n", "gone.png\n"), 2,
          "no prompt has a usable image"),
     Case("image-file-empty", lambda e: i2v_batch(e, "a cat\n", "# nothing\n\n"), 2, "lists no image"),
+    # step caching: few-step runs, settings without their cache, ratio files, the calibration's output
+    Case("cache-few-steps", lambda e: std(e, "--cache", "magcache"), 2, "needs at least 10 sampling steps, this run "
+         "has 2", True),
+    Case("cache-distilled", lambda e: std(e, "--distilled", "--lora_dir", _lora_dir(e), "--cache", "easycache"), 2,
+         "few-step (distilled) runs"),
+    Case("cache-calibrate-few-steps", lambda e: std(e, "--cache_calibrate", e.tmp / "r.json"), 2,
+         "--cache_calibrate needs at least 10"),
+    Case("cache-choice", lambda e: std(e, "--cache", "teacache"), 2, "invalid choice"),
+    Case("cache-thresh-without-cache", lambda e: std(e, "--cache_thresh", "0.1"), 2,
+         "add --cache magcache or --cache easycache", True),
+    Case("cache-thresh-nan", lambda e: std(e, *CACHE12, "--cache_thresh", "nan"), 2,
+         "--cache_thresh must be a finite number from 0 to 10"),
+    Case("cache-max-skip-negative", lambda e: std(e, *CACHE12, "--cache_max_skip", "-1"), 2,
+         "--cache_max_skip must be a whole number"),
+    Case("cache-retention-over-one", lambda e: std(e, *CACHE12, "--cache_retention", "1.5"), 2, "from 0 to 1"),
+    Case("cache-retention-for-easycache", lambda e: std(e, "--sample_steps", "12", "--cache", "easycache",
+                                                        "--cache_retention", "0.2"), 2, "unused by --cache easycache"),
+    Case("cache-warmup-for-magcache", lambda e: std(e, *CACHE12, "--cache_warmup", "3"), 2,
+         "unused by --cache magcache"),
+    Case("cache-ratios-missing", lambda e: std(e, *CACHE12, "--cache_ratios", e.tmp / "r.json"), 2,
+         "does not exist; write one with --cache_calibrate", True),
+    Case("cache-ratios-not-json", lambda e: std(e, *CACHE12, "--cache_ratios", _write(e, "r.json", "{oops")), 2,
+         "is not a JSON file"),
+    Case("cache-ratios-not-ratios", lambda e: std(e, *CACHE12, "--cache_ratios", _write(e, "r.json", "[1, 2]")), 2,
+         "is not a ratio file"),
+    Case("cache-ratios-negative", lambda e: std(e, *CACHE12, "--cache_ratios", _write(e, "r.json", json.dumps(
+        {"format": "wan22-magcache-ratios", "branches": ["cond", "uncond"], "ratios": [0.99, -1.0]}))), 2,
+         "positive finite numbers"),
+    Case("cache-calibrate-with-cache", lambda e: std(e, *CACHE12, "--cache_calibrate", e.tmp / "r.json"), 2,
+         "drop --cache magcache"),
+    Case("cache-calibrate-exists", lambda e: std(e, "--sample_steps", "12", "--cache_calibrate",
+                                                 _write(e, "old.json", "keep")), 2, "pass --overwrite",
+         keep={"old.json": b"keep"}),
+    Case("cache-calibrate-folder-missing", lambda e: std(e, "--sample_steps", "12", "--cache_calibrate",
+                                                         e.tmp / "no" / "r.json"), 2, "does not exist; create it"),
+    Case("cache-calibrate-batch", lambda e: std(e, "--sample_steps", "12", "--cache_calibrate", e.tmp / "r.json",
+                                                "--prompt_file", _prompts(e, "a cat\n"), prompt=False, save=False),
+         2, "use --prompt, not --prompt_file"),
     # the tiny model's --ckpt_dir
     Case("tiny-ckpt-is-file", lambda e: std(e, ckpt=_write(e, "ck", b"x")), 2, "is a file", True, keep={"ck": b"x"}),
     Case("tiny-ckpt-foreign", lambda e: std(e, ckpt=_write(e, "mine/notes.txt", b"n").parent), 2,

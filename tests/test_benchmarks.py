@@ -205,3 +205,34 @@ def test_stages_time_the_condition_encode_in_fp32_and_bf16(capsys):
                              "stages": st})
     assert "VAE encode of the condition, bf16" in text and "rel" in text
     assert enc["fp32"]["reuse_equal"] and enc["bf16"]["reuse_equal"] and "fp32, --fast_encode" in text
+
+
+# ---- step caching: the whole-video A/B and the cost of a reused step -----------------------------------------------
+def test_full_cache_variant_and_row_cache_cost_tiny_cpu(capsys):
+    """`rows full --cache_variant`: the cached videos on the same pipeline beside the uncached ones, with the error
+    against them; `rows row --cache_cost`: a reused step's seconds through the real loop, MagCache's projection."""
+    from benchmarks import rows
+
+    assert rows.main(["full", "--res", "tiny", "--frame_num", "5", "--sampling_steps", "12", "--repeat", "0",
+                      "--warmup_steps", "1", "--options", '{"offload_model": false}', "--cache_variant",
+                      '{"cache": "magcache"}', "--device", "cpu"]) == 0
+    full = json.loads(capsys.readouterr().out.split("RESULT ", 1)[1])
+    ab = full["cache_ab"]
+    assert full["warmup_s"] > 0 and "cache" not in full["runs"][0] and ab["options"] == {"cache": "magcache"}
+    assert ab["cache"]["reused_steps"] == [3, 4, 6, 7, 10] and ab["runs"][0]["cache"]["computed_calls"] == 14
+    assert 0 < ab["latent_rel_diff"] < 0.5 and 10 < ab["video_vs_uncached"]["psnr_mean_db"] < 100
+    assert ab["dit_s"]["cached"] > 0 and ab["video_ratio"] > 0
+    assert rows.main(["row", "--res", "tiny", "--frame_num", "5", "--steps", "1", "--options",
+                      '{"offload_model": false, "batched_cfg": true}', "--cache_cost", "magcache,easycache",
+                      "--device", "cpu"]) == 0
+    cost = json.loads(capsys.readouterr().out.split("RESULT ", 1)[1])["cache_cost"]
+    assert cost["magcache"]["computed"] == [True, False, False] and cost["easycache"]["computed"][2:] == [False] * 2
+    mag = cost["magcache"]
+    assert len(mag["schedule_reused_steps"]) == 14 and mag["reused_step_s"] > 0
+    assert mag["projected_dit_s"] == pytest.approx(26 * mag["computed_step_s"] + 14 * mag["reused_step_s"])
+    text = waterfall.markdown({"env": {"torch": "x", "git_commit": "y"}, "res": "tiny", "frame_num": 5,
+                               "rows": [{"label": "r", "per_forward_s": 1, "per_step_s": 1, "tflops": 0,
+                                         "peak_gb": 0, "resident_experts": 2, "backend": "sdpa", "cache_cost": cost,
+                                         "projection": waterfall.projection({"per_step_s": 1, "cache_cost": cost},
+                                                                            {}, None)}]})
+    assert "--cache magcache: a reused step" in text and "projected from these and the schedule (26 of 40" in text

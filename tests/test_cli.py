@@ -63,15 +63,20 @@ def test_missing_checkpoint_file_named(capsys, tmp_path):
 def test_options_and_cli_are_one_to_one():
     parser = build_parser()
     flags = {a.dest for a in parser._actions}
+    # settings that only mean something with another flag (a step-cache setting needs its cache)
+    needs = {"cache_thresh": ["--cache", "magcache"], "cache_max_skip": ["--cache", "magcache"],
+             "cache_retention": ["--cache", "magcache"], "cache_ratios": ["--cache", "magcache"],
+             "cache_warmup": ["--cache", "easycache"]}
     for f in dataclasses.fields(RuntimeOptions):
         assert f.name in flags, f"RuntimeOptions.{f.name} has no CLI flag"
         # each flag sets exactly its field
-        value = {"bool": True, "bool | None": True, "int": 2, "float": 24.0, "str": None}[f.type]
+        value = {"bool": True, "bool | None": True, "int": 2, "int | None": 2, "float": 24.0, "float | None": 0.5,
+                 "str": None, "str | None": "file.json"}[f.type]
         if f.type == "str":
             value = f.metadata["choices"][-1]
-        argv = [f"--{f.name}", str(value)]
+        argv = [f"--{f.name}", str(value), *needs.get(f.name, [])]
         opts = options_from_args(parser.parse_args(argv))
-        assert getattr(opts, f.name) == value and set(opts.changed()) <= {f.name}
+        assert getattr(opts, f.name) == value and set(opts.changed()) <= {f.name, "cache"}
     fast = options_from_args(parser.parse_args(["--fast", "--compile", "false"]))
     assert fast.compile is False  # explicit flags override the preset
     assert all(getattr(fast, k) == v for k, v in FAST_PRESET.items() if k != "compile")

@@ -151,6 +151,12 @@ def _check_fsdp(results, tiny_ckpt):
         again = sharded(x, t, ctx, seq_len)  # second call: gathers again after the reshard
     results["fsdp"] = max(rel(o, r) for o, r in zip(out, ref))
     results["fsdp_repeat_equal"] = all(torch.equal(a, b) for a, b in zip(out, again))
+    with torch.no_grad():  # step caching's forward gathers the root's parameters too (register_fsdp_forward_method)
+        (ref_out, ref_r), (out, r) = plain.forward_residual(x, t, ctx, seq_len), sharded.forward_residual(
+            x, t, ctx, seq_len)
+        reused = sharded.forward_residual(x, t, ctx, seq_len, reuse=r)[0]
+        ref_reused = plain.forward_residual(x, t, ctx, seq_len, reuse=ref_r)[0]
+    results["fsdp_residual"] = max([rel(r, ref_r)] + [rel(o, w) for o, w in zip(out + reused, ref_out + ref_reused)])
 
     cfg = WAN_CONFIGS["t2v-tiny"]
     kw = dict(text_len=cfg.text_len, dtype=cfg.t5_dtype, checkpoint_path=str(Path(tiny_ckpt) / cfg.t5_checkpoint),
@@ -223,7 +229,7 @@ def test_cfg_parallel_matches_sequential_cfg(two_rank_results):
 def test_fsdp_matches_single_process(two_rank_results):
     for res in two_rank_results:
         assert res["fsdp_sharded"] and res["fsdp_repeat_equal"], res
-        assert res["fsdp"] <= TOL, res
+        assert res["fsdp"] <= TOL and res["fsdp_residual"] <= TOL, res
         assert res["t5_fsdp_shapes"] and res["t5_fsdp"] <= TOL, res
 
 
@@ -376,6 +382,62 @@ def test_i2v_ulysses_and_cfg_parallel_match_single_process(tmp_path, tiny_i2v_ck
     assert all(r["sp_size"] == 2 and torch.equal(r["latent"], runs[0]["latent"]) for r in runs)
     assert runs[0]["guidance"]["high"].startswith("CFG parallel")
     assert rel(runs[0]["latent"], ref["latent"]) <= PIPE_TOL and rel(runs[0]["video"], ref["video"]) <= PIPE_TOL
+
+
+# ---- step caching: the residual sharded with the tokens (Ulysses), one decision on every rank (CFG parallel) -------
+CACHE_GEN = dict(size=(64, 64), frame_num=1, shift=12.0, sample_solver="unipc", sampling_steps=12,
+                 guide_scale=(3.0, 4.0), seed=3)
+
+
+def _cache_runs(calibrate_to):
+    """Per-call cache options: MagCache at its defaults, EasyCache reusing every step it may (a threshold far above
+    any error: the same decisions on every machine), a calibration run."""
+    return {"magcache": dict(cache="magcache"),
+            "easycache": dict(cache="easycache", cache_thresh=10.0, cache_warmup=2),
+            "calibrate": dict(cache_calibrate=str(calibrate_to))}
+
+
+def _worker_step_cache(rank, world, out_dir, tiny_ckpt):
+    import torch.distributed as dist
+
+    from wan.configs import WAN_CONFIGS
+    from wan.options import RuntimeOptions
+    from wan.text2video import WanT2V
+
+    _init_gloo(rank, world)
+    layout = dict(ulysses_size=2, cfg_parallel=True)
+    pipe = WanT2V(WAN_CONFIGS["t2v-tiny"], tiny_ckpt, device="cpu", rank=rank, options=RuntimeOptions(**layout))
+    results = {}
+    for name, opts in _cache_runs(out_dir / "ratios.json").items():
+        _, latent = pipe.generate("two cats box on a stage", options=RuntimeOptions(**layout, **opts),
+                                  return_latents=True, **CACHE_GEN)
+        results[name] = (latent, pipe.last_result.cache)
+    torch.save(results, out_dir / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_step_caches_under_ulysses_and_cfg_parallel_match_one_process(tmp_path, tiny_ckpt, tiny_pipe):
+    """4 ranks (Ulysses 2 x CFG parallel): MagCache (each rank keeps its share of the residual), EasyCache (the
+    cond half's decision shared with the uncond half) and a calibration (ratios summed over the SP group, gathered
+    over the CFG pair): the single process's latents, decisions and ratios."""
+    import json
+
+    from wan.options import RuntimeOptions
+
+    codes, errors = run_ranks(_worker_step_cache, 4, tmp_path, str(tiny_ckpt), timeout=240)
+    assert codes == [0] * 4, errors
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(4)]
+    for name, opts in _cache_runs(tmp_path / "single.json").items():
+        _, latent = tiny_pipe.generate("two cats box on a stage", options=RuntimeOptions(**opts), return_latents=True,
+                                       **CACHE_GEN)
+        rec = tiny_pipe.last_result.cache
+        for got, got_rec in (r[name] for r in ranks):
+            assert torch.equal(got, ranks[0][name][0]) and rel(got, latent) <= PIPE_TOL, name
+            assert got_rec["steps"] == rec["steps"] and got_rec["computed_calls"] == rec["computed_calls"], name
+        assert rec["reused_steps"] or name == "calibrate"
+    mine, single = (json.loads((tmp_path / f).read_text()) for f in ("ratios.json", "single.json"))
+    assert mine["branches"] == single["branches"] == ["cond", "uncond"]
+    assert mine["ratios"] == pytest.approx(single["ratios"], abs=1e-5)
 
 
 def test_failing_rank_ends_every_rank(tmp_path, tiny_ckpt):

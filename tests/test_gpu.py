@@ -368,3 +368,42 @@ def test_i2v_tiny_on_gpu_offload_stream_and_fast(tiny_i2v_ckpt, gpu_record):
     assert torch.equal(off[1], res[1]) and torch.equal(off[0], res[0])
     assert torch.equal(streamed[1], resident16[1]) and torch.equal(streamed[0], resident16[0])
     assert fast[2].last_result.backends["vae_encode"].startswith("reuses") and rel(fast[1], res[1]) < 5e-2
+
+
+# ---- step caching on the GPU (tiny model): exact when it never reuses, no recompiles, nothing streamed when it does --
+def test_step_cache_on_gpu(tiny_ckpt, gpu_record):
+    """--fast with compile on the GPU: MagCache that never reuses is the uncached run bit for bit; at its defaults
+    (12 steps: steps 3, 4, 6, 7, 10 reused) nothing recompiles, and the block-streamed run equals the resident one
+    bit for bit while streaming no block on a reused step. EasyCache runs under the same contract."""
+    from torch._dynamo.utils import counters
+
+    gen = {**GEN, "sampling_steps": 12}
+    fast = fast_options(vae_dtype="bf16")
+    pipe = pipe_for(tiny_ckpt, **fast.__dict__)
+    plain = run(pipe, **gen)
+    never = run(pipe, RuntimeOptions(**{**fast.__dict__, "cache": "magcache", "cache_max_skip": 0}), **gen)
+    assert torch.equal(never[1], plain[1]) and torch.equal(never[0], plain[0])
+    counters.clear()
+    cached = run(pipe, RuntimeOptions(**{**fast.__dict__, "cache": "magcache"}), **gen)
+    graphs = counters["stats"]["unique_graphs"]
+    rec = pipe.last_result.cache
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = run(pipe, RuntimeOptions(**{**fast.__dict__, "cache": "magcache"}), **gen)
+        run(pipe, RuntimeOptions(**{**fast.__dict__, "cache": "easycache", "cache_thresh": 1.0, "cache_warmup": 2}),
+            **gen)
+    easy = pipe.last_result.cache
+    assert counters["stats"]["unique_graphs"] == graphs and torch.equal(again[1], cached[1])
+    streamed_opts = {k: v for k, v in fast.__dict__.items() if k != "offload_model"}
+    streamed_pipe = pipe_for(tiny_ckpt, **{**streamed_opts, "stream_blocks": 1})
+    plain_streamed = run(streamed_pipe, **gen)
+    copies = streamed_pipe.placement.streamer.copies
+    cached_streamed = run(streamed_pipe, RuntimeOptions(**{**streamed_opts, "stream_blocks": 1, "cache": "magcache"}),
+                          **gen)
+    cached_copies = streamed_pipe.placement.streamer.copies - copies
+    layers = streamed_pipe.high_noise_model.config.num_layers
+    gpu_record(reused_steps=rec["reused_steps"], computed_calls=rec["computed_calls"], calls=rec["calls"],
+               latent_rel_vs_uncached=rel(cached[1], plain[1]), easycache_reused_steps=easy["reused_steps"],
+               copies_uncached=copies, copies_cached=cached_copies)
+    assert rec["reused_steps"] == [3, 4, 6, 7, 10] and 0 < rel(cached[1], plain[1]) < 0.5
+    assert torch.equal(plain_streamed[1], plain[1]) and torch.equal(cached_streamed[1], cached[1])
+    assert copies - cached_copies == (rec["calls"] - rec["computed_calls"]) * layers

@@ -76,12 +76,13 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
         meta, flag, help_ = f.metadata, f"--{f.name}", _option_help(f)
         if f.type in ("bool", "bool | None"):
             parser.add_argument(flag, type=str2bool, nargs="?", const=True, default=None, metavar="BOOL", help=help_)
-        elif f.type == "int":
-            parser.add_argument(flag, type=int, default=None, help=help_)
-        elif f.type == "float":
-            parser.add_argument(flag, type=float, default=None, metavar="GB", help=help_)
+        elif f.type in ("int", "int | None"):
+            parser.add_argument(flag, type=int, default=None, metavar=meta.get("metavar"), help=help_)
+        elif f.type in ("float", "float | None"):
+            parser.add_argument(flag, type=float, default=None, metavar=meta.get("metavar", "GB"), help=help_)
         else:
-            parser.add_argument(flag, type=str, default=None, choices=meta.get("choices"), help=help_)
+            parser.add_argument(flag, type=str, default=None, choices=meta.get("choices"),
+                                metavar=meta.get("metavar"), help=help_)
 
 
 def _per_task(attr: str, fmt=str) -> str:
@@ -346,6 +347,32 @@ def validate_args(args) -> None:
         raise UsageError(str(exc)) from exc
     check_parallel_layout(args.options, world, cfg.arch.num_heads)
     _check_device_kernels(args.options, args.device)
+    _check_step_cache(args, cfg)
+
+
+def _check_step_cache(args, cfg) -> None:
+    """--cache and --cache_calibrate: the step count (few-step runs refused), the ratio file (read and checked), the
+    calibration's output file (one generation; its folder writable, an existing file only with --overwrite)."""
+    from .step_cache import check_cache_request
+
+    opts = args.options
+    try:
+        check_cache_request(opts, args.sample_steps, cfg.takes_image)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if opts.cache_calibrate is None:
+        return
+    out = Path(opts.cache_calibrate)
+    if args.prompt_file is not None:
+        raise UsageError("--cache_calibrate measures one generation; use --prompt, not --prompt_file")
+    if out.is_dir():
+        raise UsageError(f"--cache_calibrate {out} is a directory; choose a .json file name")
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"--cache_calibrate {out} exists; pass --overwrite to replace it")
+    if not out.resolve().parent.is_dir():
+        raise UsageError(f"--cache_calibrate {out}: the folder {out.resolve().parent} does not exist; create it first")
+    if not os.access(out.resolve().parent, os.W_OK):
+        raise UsageError(f"--cache_calibrate {out}: cannot write in {out.resolve().parent}; choose another folder")
 
 
 def _check_device_kernels(options, device_arg: str | None) -> None:

@@ -8,6 +8,8 @@ condition [C_y, F, H, W] the DiT joins to the latent, the same for the condition
 - `CfgParallel`: cond on one half of the world, uncond on the other, one all-gather (multi-GPU).
 - `CondOnly`: guidance 1, one conditional forward (uncond + 1 * (cond - uncond) = cond up to one rounding);
   the negative prompt is then not needed at all.
+Each says which CFG branches its model calls carry on this rank (`branches`: one tuple per call, in call order, one
+name per sample), which step caching (wan/step_cache.py) keys its per-branch state on.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ def per_sample(y: torch.Tensor | None, n: int) -> list | None:
 class TwoPasses:
     name = "two passes (reference)"
     needs_negative = True
+    branches = (("cond",), ("uncond",))
 
     def __call__(self, model, latent, t, context, context_null, seq_len, g, y=None):
         cond = model([latent], t=t, context=context, seq_len=seq_len, y=per_sample(y, 1))[0]
@@ -34,6 +37,7 @@ class TwoPasses:
 class BatchedPass:
     name = "one batch-2 pass"
     needs_negative = True
+    branches = (("cond", "uncond"),)
 
     def __call__(self, model, latent, t, context, context_null, seq_len, g, y=None):
         cond, uncond = model([latent, latent], t=t.expand(2), context=context + context_null, seq_len=seq_len,
@@ -44,6 +48,7 @@ class BatchedPass:
 class CondOnly:
     name = "one conditional pass (guidance 1)"
     needs_negative = False
+    branches = (("cond",),)
 
     def __call__(self, model, latent, t, context, context_null, seq_len, g, y=None):
         return model([latent], t=t, context=context, seq_len=seq_len, y=per_sample(y, 1))[0]
@@ -59,6 +64,7 @@ class CfgParallel:
 
         self.group, self.cfg_rank, self._predict = group, cfg_rank, cfg_parallel_prediction
         self.name = f"CFG parallel (cfg rank {cfg_rank} of 2)"
+        self.branches = (("cond",) if cfg_rank == 0 else ("uncond",),)  # the other half runs the other branch
 
     def __call__(self, model, latent, t, context, context_null, seq_len, g, y=None):
         return self._predict(model, latent, t, context, context_null, seq_len, g, self.group, self.cfg_rank, y=y)

@@ -36,7 +36,8 @@ class WanI2V(WanPipeline):
         offload_model: the reference's parameter; None means the built placement, and a value that disagrees
         with it raises. `options` may change per-call fields for this call only (an A/B without reloading).
         """
-        opts, guide, guidance = self._per_call(offload_model, options, input_prompt, frame_num, guide_scale)
+        opts, guide, guidance = self._per_call(offload_model, options, input_prompt, frame_num, guide_scale,
+                                                sampling_steps)
         image = image_to_tensor(img)  # checks the image before anything runs
         geo = self.geometry(img, max_area)
         with self._configured(opts):

@@ -43,6 +43,13 @@ VAE_ENCODE_BYTES_PER_PIXEL = {"fp32": 225.0, "bf16": 115.0}
 # Block streaming also streams T5 by layers (wan/placement.py): 2 slots of one of umt5-xxl's 24 equal blocks, which
 # hold 81.6% of its weights (the token embedding, 256,384 x 4,096, stays on the host): 2 x 0.816 / 24 of T5's bytes.
 T5_STREAMED_FRACTION = 2 * 0.816 / 24
+# Step caching (wan/step_cache.py) holds tensors across steps, on top of the denoising peak: MagCache (and its
+# calibration) one fp32 residual of the block stack per CFG branch, [tokens, dim] (720p: 1.55 GB each), and while the
+# blocks run their bf16 input, kept to form the new residual; EasyCache a few latent-sized fp32 tensors (per branch
+# v - x, plus the inputs and the output its rate needs).
+CACHE_RESIDUALS = 2  # CFG branches (the plan does not know the guidance scale; guidance 1 needs one)
+RESIDUAL_BYTES = 4 + 2  # per token and channel: the fp32 residual, the bf16 block input
+EASYCACHE_LATENTS = 8
 HEADROOM = 1.05  # allocator fragmentation on top of the estimate
 # The budget caps what the allocator reserves, and reserved runs above allocated (the 24 GB row: 14.5 GB allocated,
 # 18.6 reserved, with expandable segments): a plan fits only with this much of the budget left over. Without it an
@@ -88,14 +95,23 @@ class MemoryPlan:
                 + ", ".join(f"{k} {v:.1f}" for k, v in self.phases.items()) + ")")
 
 
+def cache_bytes(method: str, arch, tokens: int, latent_elements: int) -> float:
+    """Bytes a step cache keeps between steps: `method` magcache / calibrate / easycache / none."""
+    if method in ("magcache", "calibrate"):
+        return float(CACHE_RESIDUALS * tokens * arch.dim * RESIDUAL_BYTES)
+    if method == "easycache":
+        return EASYCACHE_LATENTS * latent_elements * 4.0
+    return 0.0
+
+
 def estimate(placement: str, arch, tokens: int, batch: int, pixels: int, bytes_per_param: int, vae_dtype: str,
              t5_bytes: float, t5_cpu: bool, slots: int = 2, vae_bands: int = 0, fp8_linear: str = "none",
-             encode_pixels: int = 0) -> MemoryPlan:
+             encode_pixels: int = 0, step_cache: float = 0.0) -> MemoryPlan:
     """Peak GB of each phase of one generation for `placement`; `encode_pixels` > 0 (I2V) adds the condition's
-    encode phase."""
+    encode phase; `step_cache` (bytes, `cache_bytes`) is held through the denoising."""
     block, rest = dit_bytes(arch, bytes_per_param, fp8_linear)
     expert = block * arch.num_layers + rest
-    act = ACTIVATION_BYTES_PER_TOKEN * tokens * batch
+    act = ACTIVATION_BYTES_PER_TOKEN * tokens * batch + step_cache
     vae = VAE_BYTES_PER_PIXEL[vae_dtype] * pixels * (VAE_BANDED_FRACTION[vae_dtype] if vae_bands > 1 else 1.0)
     t5 = 0.0 if t5_cpu else t5_bytes
     enc = VAE_ENCODE_BYTES_PER_PIXEL[vae_dtype] * encode_pixels
@@ -127,12 +143,15 @@ def plan_inputs(config, options, size_frames: tuple[int, int, int], t5_bytes: fl
     """`estimate` / `choose` keyword arguments for a task config, RuntimeOptions and (width, height, frames)."""
     w, h, frames = size_frames
     sf, sh, sw = config.vae_stride
-    tokens = ((frames - 1) // sf + 1) * (h // sh) * (w // sw) // 4  # patch 1 x 2 x 2
+    latent = ((frames - 1) // sf + 1) * (h // sh) * (w // sw)  # per channel
+    tokens = latent // 4  # patch 1 x 2 x 2
+    method = "calibrate" if options.cache_calibrate is not None else options.cache
     return dict(arch=config.arch, tokens=tokens, batch=2 if options.batched_cfg else 1, pixels=w * h * frames,
                 bytes_per_param=2 if options.convert_model_dtype else 4, vae_dtype=options.vae_dtype,
                 t5_bytes=t5_bytes, t5_cpu=options.t5_cpu, slots=options.stream_blocks or 2,
                 vae_bands=options.vae_bands, fp8_linear=options.fp8_linear,
-                encode_pixels=w * h * frames if config.takes_image else 0)
+                encode_pixels=w * h * frames if config.takes_image else 0,
+                step_cache=cache_bytes(method, config.arch, tokens, latent * config.arch.out_dim))
 
 
 def fast_budget(options, free_gb: float, **kw) -> tuple[object, str]:

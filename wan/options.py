@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from .modules.attention import BACKENDS
 from .modules.fp8 import FP8_LINEAR
 from .modules.vae import VAE_DTYPES
+from .step_cache import CACHES, EASYCACHE, MAGCACHE, check_cache_options
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
 
@@ -84,6 +85,33 @@ class RuntimeOptions:
     fused_qk_rope: bool = field(default=False, metadata=_call(
         "self-attention q/k RMSNorm + weight + RoPE + bf16 cast in one Triton kernel (the --fast_rope math, q and k "
         "written once in bf16); needs --fast_rope, a CUDA GPU and triton; not in --fast until measured on a GPU"))
+    # ---- per call: step caching, an approximation (opt-in, never part of --fast; wan/step_cache.py) ----
+    cache: str = field(default="none", metadata=_call(
+        "step caching for runs of 10+ steps: on some steps reuse what the DiT computed at an earlier one (an "
+        "approximation, opt-in, never part of --fast): magcache (the block stack's residual, a schedule fixed by "
+        "the published magnitude ratios, logged before the first step) or easycache (the model's whole update, "
+        "adaptive); none: the original loop and forward", choices=CACHES))
+    cache_thresh: float | None = field(default=None, metadata=_call(
+        "the cache's error threshold: a step is reused while its accumulated error stays below it (larger: more "
+        f"reuse, more error); default: the published setting, magcache {MAGCACHE['t2v'].thresh:g}, easycache "
+        f"{EASYCACHE['t2v'].thresh:g} (i2v {EASYCACHE['i2v'].thresh:g})", metavar="X"))
+    cache_max_skip: int | None = field(default=None, metadata=_call(
+        "at most this many reused steps in a row (0: never reuse); default: magcache "
+        f"{MAGCACHE['t2v'].max_skip} (published), easycache no limit (published)", metavar="N"))
+    cache_retention: float | None = field(default=None, metadata=_call(
+        "magcache: the fraction of each expert's steps computed at its start (i2v: of the low-noise expert's; the "
+        f"high-noise one computes every step, as published); default: the published {MAGCACHE['t2v'].retention:g} "
+        f"(i2v {MAGCACHE['i2v'].retention:g})", metavar="R"))
+    cache_warmup: int | None = field(default=None, metadata=_call(
+        f"easycache: the first N steps are computed; default: the published {EASYCACHE['t2v'].warmup}", metavar="N"))
+    cache_ratios: str | None = field(default=None, metadata=_call(
+        "magcache: magnitude ratios measured with --cache_calibrate (JSON) instead of the published ones for the "
+        "task; resampled (nearest) to the step count; default: the published T2V-A14B / I2V-A14B ratios",
+        metavar="FILE"))
+    cache_calibrate: str | None = field(default=None, metadata=_call(
+        "a normal run (nothing reused: the uncached result) that also measures the magcache ratios on these weights, "
+        "LoRAs, size and step count, and writes them to this JSON file for --cache_ratios; default: off",
+        metavar="FILE"))
 
     def __post_init__(self):
         if self.attn_backend not in BACKENDS:
@@ -110,6 +138,7 @@ class RuntimeOptions:
         if self.stream_blocks and (self.offload_model or self.dit_fsdp):
             raise ValueError("--stream_blocks cannot be combined with --offload_model true or --dit_fsdp: it is its "
                              "own placement (blocks in host memory, streamed to the GPU)")
+        check_cache_options(self)
         if self.stream_blocks and self.compile and self.compile_mode == "max-autotune":
             raise ValueError("compile_mode max-autotune records CUDA graphs with fixed weight addresses, which block "
                              "streaming swaps; use compile_mode default or max-autotune-no-cudagraphs")
@@ -130,7 +159,8 @@ CALL_FIELDS = tuple(f.name for f in fields(RuntimeOptions) if f.metadata["lifeti
 
 # The --fast preset: all switches that keep the output equal to the original path within bf16 rounding.
 # vae_dtype stays fp32: a bf16 decode differs from fp32 by more than bf16 rounding of the output (measured), so it is
-# an opt-in approximation; so are fp8_linear and attn_backend flash3_fp8 (each with its measured error).
+# an opt-in approximation; so are fp8_linear, attn_backend flash3_fp8 and the step caches (each with its measured
+# error).
 FAST_PRESET = dict(offload_model=False, convert_model_dtype=True, batched_cfg=True, tf32=True, compile=True,
                    fast_time_embedding=True, fast_rope=True, fast_encode=True)
 

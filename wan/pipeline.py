@@ -10,7 +10,8 @@ Who decides what, once:
   batched CFG) and a guidance strategy per expert (`wan.guidance`); process-global backend flags and the built
   configuration are restored when the call ends;
 - per generation (`_start`, `_encode_text`, `sample`, `_finish`): the result record, T5, the denoising loop (expert
-  per step, guidance, scheduler) and the VAE decode on rank 0.
+  per step, guidance, scheduler, and the step cache's policy when options.cache asks for one: `wan.step_cache`) and
+  the VAE decode on rank 0.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from .modules.vae import VAE_DTYPES, Wan2_1_VAE
 from .options import LOAD_FIELDS, RuntimeOptions
 from .placement import choose_placement
 from .preflight import LORA_NAMES, check_checkpoint
+from .step_cache import check_cache_request, choose_step_cache, resolve
 from .utils.compile import compile_blocks, uncompile_blocks
 from .utils.schedulers import build_scheduler, expert_for_timestep
 
@@ -93,6 +95,7 @@ class GenerationResult:
     options: RuntimeOptions | None = None  # the resolved options that ran
     backends: dict = field(default_factory=dict)  # attention, rope, time embedding, guidance per expert, placement
     latent: torch.Tensor | None = None
+    cache: dict | None = None  # the step cache's record: per step and branch computed / reused (None: off)
 
 
 class WanPipeline:
@@ -346,8 +349,10 @@ class WanPipeline:
         check_request(options.fast_rope, compile=options.compile)
         return resolve_qk_rope(self.device)  # the device checks, triton, a probe
 
-    def _per_call(self, offload_model, options: RuntimeOptions | None, prompt: str, frame_num: int, guide_scale):
-        """Check one generate() call's shared arguments; returns (options, guide (low, high), guidance per expert)."""
+    def _per_call(self, offload_model, options: RuntimeOptions | None, prompt: str, frame_num: int, guide_scale,
+                  steps: int | None = None):
+        """Check one generate() call's shared arguments (`steps`: the sampling steps, for the step cache); returns
+        (options, guide (low, high), guidance per expert)."""
         if offload_model is not None and bool(offload_model) != self.options.offload_model:
             raise LoadTimeOptionError(
                 f"offload_model={offload_model} disagrees with the built placement ({self.placement.name}); "
@@ -357,6 +362,8 @@ class WanPipeline:
             raise ValueError("the prompt is empty; pass --prompt \"...\"")
         if (frame_num - 1) % 4 != 0 or frame_num < 1:
             raise ValueError(f"frame_num must be 4n+1 (e.g. 77 or 81), got {frame_num}")
+        if steps is not None:  # few-step runs refused, the ratio file read: before T5 runs
+            check_cache_request(opts, steps, self.config.takes_image)
         guide = (guide_scale, guide_scale) if isinstance(guide_scale, (int, float)) else tuple(guide_scale)
         guidance = {"low": choose_guidance(guide[0], opts.batched_cfg, self.cfg_group, self.cfg_rank),
                     "high": choose_guidance(guide[1], opts.batched_cfg, self.cfg_group, self.cfg_rank)}
@@ -423,18 +430,31 @@ class WanPipeline:
                "placement": self.placement.name, "sequence_parallel": self.sp_size,
                "loras": {e: f"{p.name} x {s}" for e, (p, s) in self.loras.items()},
                "fp8_linear": {e: s.describe() for e, s in self.fp8.items()} if self.fp8 else "off"}
+        cache = resolve(self.call_options, self.config.takes_image)
+        out["step_cache"] = cache.describe() if cache else "off"
         if guidance:
             out["guidance"] = {k: g.name for k, g in guidance.items()}
         return out
 
+    def _calibration_record(self, noise, seq_len, solver, steps, shift, guide, trace, result) -> dict | None:
+        """What a --cache_calibrate file says it was measured on (None when not calibrating)."""
+        if self.call_options.cache_calibrate is None:
+            return None
+        return dict(task=self.config.name, latent=list(noise.shape), seq_len=seq_len, solver=solver, steps=steps,
+                    shift=shift, guide=list(guide), high_noise_steps=trace.count("high"),
+                    loras={e: f"{p.name} x {s}" for e, (p, s) in self.loras.items()},
+                    options=self.call_options.changed(), seed=result.seed if result is not None else None)
+
     def sample(self, noise, context, context_null, seq_len: int, sample_solver: str, sampling_steps: int,
                shift: float, guide: tuple[float, float], timer: StageTimer | None = None, max_steps: int | None = None,
                step_callback=None, guidance: dict | None = None, result: GenerationResult | None = None,
-               y: torch.Tensor | None = None) -> torch.Tensor:
+               y: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """The denoising loop: noise [C, F, H, W] -> latent. No host sync inside the loop except at the (single)
-        expert switch; `max_steps` stops early; `step_callback(i, t, expert, prediction)` runs after each step.
-        `guidance` ({"high": strategy, "low": strategy}) defaults to what the call options choose. `y` (I2V): the
-        condition [C_y, F, H, W] given to the DiT with every pass, the same for both CFG branches."""
+        expert switch (and where an adaptive step cache decides); `max_steps` stops early;
+        `step_callback(i, t, expert, prediction)` runs after each step. `guidance` ({"high": strategy, "low":
+        strategy}) defaults to what the call options choose, and so does `cache` (a `wan.step_cache` policy for this
+        loop, or None with the cache off). `y` (I2V): the condition [C_y, F, H, W] given to the DiT with every pass,
+        the same for both CFG branches."""
         timer = timer or StageTimer(self.device)
         if guidance is None:
             guidance = {e: choose_guidance(guide[i], self.call_options.batched_cfg, self.cfg_group, self.cfg_rank)
@@ -442,13 +462,22 @@ class WanPipeline:
         scheduler, timesteps = build_scheduler(sample_solver, sampling_steps, shift, self.device,
                                                self.num_train_timesteps)
         scheduler.set_begin_index(0)  # no timestep lookup (a device sync) at the first step
-        t_host = timesteps.tolist()[:max_steps]  # one sync here
+        t_all = timesteps.tolist()  # one sync here
+        t_host = t_all[:max_steps]
         boundary = self.boundary * self.num_train_timesteps
-        trace = [expert_for_timestep(t, boundary) for t in t_host]
+        trace_all = [expert_for_timestep(t, boundary) for t in t_all]  # the whole schedule, for the step cache
+        trace = trace_all[:len(t_host)]
         log.info("%d steps (%d high-noise, %d low-noise); guidance %s", len(t_host), trace.count("high"),
                  trace.count("low"), {k: g.name for k, g in guidance.items()})
         if result is not None:
             result.expert_trace = trace
+        if cache is None:  # one policy per generation: nothing carries over from an earlier one
+            cache = choose_step_cache(self.call_options, self.config.takes_image, trace_all, guidance,
+                                      device=self.device, seq_len=seq_len, sp_group=self.sp_group,
+                                      cfg_group=self.cfg_group, rank=self.rank,
+                                      measured=self._calibration_record(noise, seq_len, sample_solver,
+                                                                        sampling_steps, shift, guide, trace_all,
+                                                                        result))
         latent, current, model = noise, None, None
         autocast = torch.autocast(self.device.type, dtype=self.config.param_dtype, enabled=self.device.type == "cuda")
         bar = tqdm(t_host, desc="denoise", unit="step", disable=self.rank != 0)
@@ -463,8 +492,10 @@ class WanPipeline:
                     timer.start(f"dit_{expert}")
                     current = expert
                 g = guide[1] if expert == "high" else guide[0]
-                noise_pred = guidance[expert](model, latent, timesteps[i:i + 1], context, context_null, seq_len, g,
-                                              y=y)
+                # the step cache (if on) hands out this step's DiT: computing, or reusing an earlier step's work
+                step_model = model if cache is None else cache.model_for_step(i, expert, model, latent)
+                noise_pred = guidance[expert](step_model, latent, timesteps[i:i + 1], context, context_null, seq_len,
+                                              g, y=y)
                 latent = scheduler.step(noise_pred.unsqueeze(0), t, latent.unsqueeze(0), return_dict=False)[0]
                 latent = latent.squeeze(0)
                 if step_callback is not None:
@@ -472,4 +503,6 @@ class WanPipeline:
                 bar.set_postfix(expert=expert, t=round(float(t), 2))
         if current is not None:
             timer.stop(f"dit_{current}")
+        if cache is not None:
+            cache.finish(result)  # its tensors freed before the decode; what ran recorded
         return latent

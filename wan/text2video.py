@@ -34,7 +34,8 @@ class WanT2V(WanPipeline):
         offload_model: the reference's parameter; None means the built placement, and a value that disagrees
         with it raises. `options` may change per-call fields for this call only (an A/B without reloading).
         """
-        opts, guide, guidance = self._per_call(offload_model, options, input_prompt, frame_num, guide_scale)
+        opts, guide, guidance = self._per_call(offload_model, options, input_prompt, frame_num, guide_scale,
+                                                sampling_steps)
         with self._configured(opts):
             return self._generate(input_prompt, size, frame_num, shift, sample_solver, sampling_steps, guide,
                                   guidance, n_prompt, seed, opts, return_latents)

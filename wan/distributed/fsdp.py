@@ -54,7 +54,12 @@ def shard_model(model: nn.Module, mesh_or_group=None, param_dtype: torch.dtype |
     `model(...)` keeps its call style; parameters become DTensor shards (use `model.parameters()` only through
     FSDP's APIs afterwards). param_dtype=None keeps the stored dtype (use float32 on CPU to compare with fp32 runs).
     """
-    return _shard_units(model, model.blocks, mesh_or_group, param_dtype, reduce_dtype, prefetch)
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    _shard_units(model, model.blocks, mesh_or_group, param_dtype, reduce_dtype, prefetch)
+    if hasattr(model, "forward_residual"):  # step caching's forward (wan/step_cache.py) gathers the root too
+        register_fsdp_forward_method(model, "forward_residual")
+    return model
 
 
 def shard_t5(umt5_model: nn.Module, mesh_or_group=None, param_dtype: torch.dtype | None = None,

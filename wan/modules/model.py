@@ -4,7 +4,8 @@ One readable forward. The fast paths are alternatives chosen by `configure()` (a
 per-sample time embedding, fused q/k norm + RoPE, FFN over token chunks); with the defaults the forward is the
 reference's, step for step. Sequence parallelism (Ulysses) is a load-time layout set by `set_sequence_parallel()`:
 the same forward then shards the tokens after the embeddings and gathers them after the head (both do nothing
-without a group).
+without a group). `forward_residual` is the same forward exposing the block stack's residual, and reusing an earlier
+one instead of running the blocks: the named alternative step caching runs (wan/step_cache.py).
 Shapes: d = dim, L = padded token count (seq_len), H = heads, D = head dim = d / H.
 """
 from __future__ import annotations
@@ -264,6 +265,14 @@ class WanModel(nn.Module):
 
         Returns a list of fp32 [C_out, F, H, W] (the flow / velocity prediction).
         """
+        x, e, e0, seq_lens, grids, rope_table, context = self.stack_input(x, t, context, seq_len, y)
+        for block in self.blocks:
+            x = block(x, e0, seq_lens, rope_table, context, None)
+        return self.stack_output(x, e, grids)
+
+    def stack_input(self, x: list, t: torch.Tensor, context: list, seq_len: int, y=None):
+        """Everything before the blocks, this rank's tokens: (x [B, L(/P), d], e, e0, seq_lens, grids, rope_table,
+        context). i2v: y joined to x first."""
         if y is not None:
             x = [torch.cat([u, v]) for u, v in zip(x, y, strict=True)]
         elif self.model_type == "i2v":
@@ -271,10 +280,25 @@ class WanModel(nn.Module):
         x, e, e0, seq_lens, grids, rope_table, context = self.embed(x, t, context, seq_len)
         # with a Ulysses group: this rank's tokens from here to the head (per-token e / e0 / RoPE rows with them)
         x, e, e0, rope_table = shard_tokens(self.sp_group, x, e, e0, rope_table)
-        for block in self.blocks:
-            x = block(x, e0, seq_lens, rope_table, context, None)
+        return x, e, e0, seq_lens, grids, rope_table, context
+
+    def stack_output(self, x: torch.Tensor, e: torch.Tensor, grids: list) -> list:
+        """Everything after the blocks: the head, the tokens gathered (Ulysses), unpatchified to fp32 latents."""
         x = gather_tokens(self.head(x, e), self.sp_group)
         return [u.float() for u in self.unpatchify(x, grids)]
+
+    def forward_residual(self, x: list, t: torch.Tensor, context: list, seq_len: int, y=None,
+                         reuse: torch.Tensor | None = None) -> tuple[list, torch.Tensor]:
+        """`forward` with the block stack's residual, for step caching (wan/step_cache.py): returns (forward's
+        output, r = blocks' output - blocks' input, [B, L(/P), d], this rank's tokens; fp32 where the stream is).
+        With `reuse` (an r of an earlier step) no block runs: x + reuse goes to the head."""
+        x, e, e0, seq_lens, grids, rope_table, context = self.stack_input(x, t, context, seq_len, y)
+        if reuse is not None:
+            return self.stack_output(x + reuse, e, grids), reuse
+        x0 = x
+        for block in self.blocks:
+            x = block(x, e0, seq_lens, rope_table, context, None)
+        return self.stack_output(x, e, grids), x - x0
 
     def unpatchify(self, x: torch.Tensor, grids: list) -> list:
         """[B, L, p*q*r*c] -> list of [c, F*p, H'*q, W'*r]; head channels are ordered (p, q, r, c), c fastest."""
