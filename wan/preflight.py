@@ -230,7 +230,7 @@ def check_tiny_dir(folder) -> None:
         raise PathError(f"--ckpt_dir {folder} is a file; t2v-tiny needs a folder (it writes its random checkpoint "
                         "there)")
     if folder.is_dir():
-        if (folder / TINY_MARKER).is_file():
+        if (folder / TINY_MARKER).is_file() or (folder / "model_index.json").is_file():  # written, or Diffusers
             return
         try:
             foreign = any(folder.iterdir())
