@@ -173,6 +173,7 @@ def test_whole_generation_from_each_layout(files, tiny_ckpt, official_latent, ki
     else:
         pipe = WanT2V(CFG, tiny_ckpt, device="cpu", weights=paths(files, tiny_ckpt, kind))
     latent = pipe.generate(PROMPT, return_latents=True, **GEN)[1]
+    assert pipe.last_result.expert_trace == ["high", "low"]
     err = ((latent - official_latent).abs().max() / official_latent.abs().max()).item()
     print(f"{kind}: generation error {err:.3e}")
     assert err <= GENERATION_TOL[kind], f"{kind}: {err:.3e}"
@@ -293,3 +294,46 @@ def test_gguf_of_an_unknown_type_is_refused(tiny_ckpt, tmp_path):
     with pytest.raises(CheckpointError) as e:
         dit_source(path, "x", ARCH)
     assert "'blocks.0.ffn.0.weight' has GGUF type Q8_1, which the installed gguf package cannot" in str(e.value)
+
+
+# ---- everything else composes: LoRA after dequantization, block streaming, the fast switches, batch mode ----------
+def test_gguf_with_a_lora_and_block_streaming(files, tiny_ckpt, tmp_path):
+    from wan.lora import LoraMerge
+    from wan.options import RuntimeOptions
+    from wan.testing.random_lora import write_random_lora_dir
+    from wan.text2video import WanT2V
+
+    lora = write_random_lora_dir(tmp_path / "lora", ARCH, rank=4)
+    fast = dict(batched_cfg=True, fast_rope=True, fast_time_embedding=True)
+    kw = dict(device="cpu", weights=paths(files, tiny_ckpt, "q4k"), lora_dir=lora)
+    resident = WanT2V(CFG, tiny_ckpt, options=RuntimeOptions(**fast), **kw)
+    name = "blocks.0.ffn.0.weight"  # a Q4_K... or Q8_0 tensor: the LoRA is merged into its fp32 dequantization
+    ref = L.gguf_reference(files["q4k_high"])["model.diffusion_model." + name]
+    merged = LoraMerge(lora / "high_noise_model.safetensors").apply(name, ref)
+    assert torch.equal(resident.high_noise_model.state_dict()[name], merged)
+    streamed = WanT2V(CFG, tiny_ckpt, options=RuntimeOptions(stream_blocks=2, **fast), **kw)
+    a = resident.generate(PROMPT, return_latents=True, **GEN)[1]
+    b = streamed.generate(PROMPT, return_latents=True, **GEN)[1]
+    assert streamed.placement.name == "block-streamed" and torch.equal(a, b)
+
+
+def test_cli_batch_from_comfyui_files(files, tiny_ckpt, tmp_path, capsys, caplog):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import generate
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat boxing\ntwo dogs dancing\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    caplog.set_level(logging.INFO, logger="wan")
+    code = generate.main(["--task", "t2v-tiny", "--device", "cpu", "--size", "64*64", "--frame_num", "5",
+                          "--sample_steps", "2", "--dit_high", str(files["fp8_high"]), "--dit_low",
+                          str(files["q8_low"]), "--t5", str(files["t5_fp8"]), "--vae", str(files["vae_bf16"]),
+                          "--tokenizer", str(tiny_ckpt / TOK), "--fast", "--compile", "false",
+                          "--prompt_file", str(prompts), "--save_dir", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert len(list(out.glob("*.mp4"))) == 2 and caplog.text.count("loaded in") == 1  # loaded once
+    for needle in ("high-noise DiT", "official fp8_scaled layout", "low-noise DiT", "gguf layout", "hf fp8_scaled"):
+        assert needle in caplog.text, needle

@@ -346,7 +346,8 @@ def _check_weight_paths(args, cfg) -> None:
         raise UsageError(f"{args.task} has two experts: pass --dit_high FILE and --dit_low FILE (--dit is for "
                          "one-model tasks)")
     if cfg.needs_ckpt_dir and not args.ckpt_dir:
-        missing = [f"--{f}" for f in ("dit_high", "dit_low", "t5", "vae", "tokenizer") if f not in given]
+        missing = [f"--{f} {'DIR' if f == 'tokenizer' else 'FILE'}" for f in ("dit_high", "dit_low", "t5", "vae",
+                                                                              "tokenizer") if f not in given]
         if len(missing) == 5:
             raise UsageError(f"--ckpt_dir is required for {args.task}: the folder of the official Wan2.2-T2V-A14B "
                              "download (huggingface-cli download Wan-AI/Wan2.2-T2V-A14B --local-dir "
@@ -355,7 +356,7 @@ def _check_weight_paths(args, cfg) -> None:
         if missing:
             raise UsageError(f"without --ckpt_dir every component needs its path: pass {', '.join(missing)}"
                              + (" (the google/umt5-xxl folder of the official download, or tokenizer/ of the "
-                                "Diffusers one)" if "--tokenizer" in missing else ""))
+                                "Diffusers one)" if "--tokenizer DIR" in missing else ""))
 
 
 def _check_device_kernels(options, device_arg: str | None) -> None:

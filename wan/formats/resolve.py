@@ -222,7 +222,7 @@ def _folder_layout(config, ckpt: Path) -> tuple[str, dict[str, Path]]:
                 "t5": ckpt / config.t5_checkpoint, "vae": ckpt / config.vae_checkpoint,
                 "tokenizer": ckpt / config.t5_tokenizer}
     if (ckpt / "model_index.json").is_file():
-        present = [p.name for p in official.values() if p.exists()]
+        present = [str(p.relative_to(ckpt)) for p in official.values() if p.exists()]
         if present:
             raise CheckpointError(f"{ckpt} mixes a Diffusers layout (model_index.json) with the official one "
                                   f"({present[0]}); pass one layout per --ckpt_dir")
