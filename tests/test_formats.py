@@ -124,6 +124,18 @@ def test_gguf_equals_the_gguf_package(files, kind):
     assert all(torch.equal(got16[k], ref[k].to(torch.bfloat16)) for k in ref)
 
 
+def test_q8_0_torch_port_equals_the_package():
+    from wan.formats.quant import dequantize_q8_0
+
+    x = torch.randn(48, 256, generator=torch.Generator().manual_seed(0)).numpy() * 3
+    x[0, :32] = 0  # an all-zero block: d = 0
+    q = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)
+    want = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)
+    got = dequantize_q8_0(torch.from_numpy(q.reshape(-1, 34).copy())).reshape(48, 256)
+    assert torch.equal(got, torch.from_numpy(want))
+    assert torch.equal(L.quantize_q8_0_torch(torch.from_numpy(x)), torch.from_numpy(q))  # the benchmark's writer
+
+
 def test_t5_files(files, tiny_ckpt, caplog):
     off = load_umt5_encoder(t5_source(tiny_ckpt / T5), torch.float16).state_dict()
     with caplog.at_level(logging.INFO, logger="wan"):

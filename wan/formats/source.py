@@ -161,15 +161,16 @@ class _gguf:
 
     def __enter__(self):
         tensors = {t.name: t for t in self.reader.tensors}
-        return lambda key, plan: read_gguf_tensor(tensors[key], plan.dtype, plan.shape).to(self.device)
+        return lambda key, plan: read_gguf_tensor(tensors[key], plan.dtype, plan.shape, self.device).to(self.device)
 
     def __exit__(self, *exc):
         self.reader = None
 
 
-def read_gguf_tensor(tensor, type_name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """One GGUF tensor, dequantized to float32 on the CPU (the only place GGUF data is read; tests wrap it)."""
-    return dequantize_gguf(tensor.data, type_name, shape)
+def read_gguf_tensor(tensor, type_name: str, shape: tuple[int, ...], device=None) -> torch.Tensor:
+    """One GGUF tensor, dequantized to float32 (on `device` for Q8_0, else on the CPU); the only place GGUF data is
+    read (tests wrap it)."""
+    return dequantize_gguf(tensor.data, type_name, shape, device)
 
 
 class _torch:

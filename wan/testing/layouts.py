@@ -169,6 +169,20 @@ def _gguf_type_for(name: str, shape: tuple[int, ...], qtype: str) -> str:
     return "F16"
 
 
+def quantize_q8_0_torch(x: torch.Tensor) -> torch.Tensor:
+    """The gguf package's Q8_0 quantizer in torch (same arithmetic, any device; for writing full-size files fast):
+    float32 [..., n] -> uint8 [..., n / 32 * 34]."""
+    blocks = x.float().reshape(-1, 32)
+    d = blocks.abs().amax(dim=1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    v = blocks * inv
+    a = v.abs()
+    fl = a.floor()
+    q = (torch.sign(v) * (fl + (2 * (a - fl)).floor())).to(torch.int8)  # round half away from zero (np_roundf)
+    out = torch.cat([d.to(torch.float16).view(torch.uint8), q.view(torch.uint8)], dim=1)
+    return out.reshape(*x.shape[:-1], x.shape[-1] // 32 * 34)
+
+
 def gguf_quantize(data: np.ndarray, type_name: str) -> np.ndarray:
     """float32 [.., n] -> the stored array (uint8 blocks, or F32 / F16 values)."""
     import gguf
