@@ -7,7 +7,8 @@
   weight is loaded in (bf16 with --convert_model_dtype, else fp32, where the product is exact). An fp8 weight without
   a scale is `W8.to(dt)`.
 - GGUF: the `gguf` package's numpy dequantization (`gguf.quants.dequantize`, float32 out), then one cast to the load
-  dtype; Q8_0 by a torch port of the same arithmetic (bit for bit equal, tested), which also runs on the GPU. (ComfyUI-GGUF's default computes in the block scale's dtype, fp16 for Q8_0, before that cast: not the same
+  dtype; Q8_0 by a torch port of the same arithmetic (bit for bit equal, tested), which also runs on the GPU.
+  (ComfyUI-GGUF's default computes in the block scale's dtype, fp16 for Q8_0, before that cast: not the same
   rounding, so files are checked against the package, the format's reference reader in Python.)
 """
 from __future__ import annotations
