@@ -153,10 +153,12 @@ def _fast_budget(args, cfg, device, weights):
     import torch
 
     from wan.cli import size_tuple
-    from wan.memory_plan import fast_budget, plan_inputs
+    from wan.memory_plan import fast_budget, plan_inputs, t5_weight_bytes
 
     free = torch.cuda.mem_get_info(device)[0] / 1e9
-    t5_bytes = weights.t5.param_bytes(cfg.t5_dtype)
+    # the resolved weights (any layout: the T5 as loaded, in its dtype), or an official folder (the .pth's size)
+    t5_bytes = weights.t5.param_bytes(cfg.t5_dtype) if hasattr(weights, "t5") else \
+        t5_weight_bytes(Path(weights) / cfg.t5_checkpoint)
     kw = plan_inputs(cfg, args.options, (*size_tuple(args.size), args.frame_num), t5_bytes)
     options, line = fast_budget(args.options, free, **kw)
     log.info(line)

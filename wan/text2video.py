@@ -129,7 +129,7 @@ class WanT2V:
         self.vae_stride, self.patch_size = config.vae_stride, config.patch_size
         self.sample_neg_prompt = config.sample_neg_prompt
         self.loras = self._lora_files(lora_dir, lora_high, lora_low, lora_strength)
-        self.weights = None if components is not None else self._resolve_weights(checkpoint_dir, weights)
+        self.weights = weights  # WeightPaths or ResolvedWeights; resolved (headers read) in _load
 
         self.cfg_group, self.cfg_rank, self.sp_group, mesh = None, 0, None, None
         if self.world_size > 1:
@@ -160,7 +160,7 @@ class WanT2V:
         self._fused_qk_rope(self.options)  # refused before anything loads
 
         t0 = time.perf_counter()
-        self._load(components, fp8_kernel)
+        self._load(checkpoint_dir, components, fp8_kernel)
         self._convert_fp8(fp8_kernel)  # after any LoRA merge, before the placement moves the experts
         self.placement.attach({"high": self.high_noise_model, "low": self.low_noise_model}, self.text_encoder)
         if self.options.max_gpu_memory:  # capped once the weights are placed (benchmarks build them on the GPU)
@@ -189,8 +189,11 @@ class WanT2V:
         cfg = self.config
         w, h = plan_for[:2] if plan_for else SIZE_CONFIGS[cfg.default_size]
         frames = plan_for[2] if plan_for else cfg.frame_num
-        t5_bytes = self.weights.t5.param_bytes(cfg.t5_dtype) if self.weights else \
-            t5_weight_bytes(None, (components or {}).get("text_encoder"))
+        if hasattr(self.weights, "t5"):  # resolved already (generate.py): the T5 as it will be held
+            t5_bytes = self.weights.t5.param_bytes(cfg.t5_dtype)
+        else:  # planned before any file is read: the official .pth's size, else umt5-xxl's
+            t5_file = Path(checkpoint_dir) / cfg.t5_checkpoint if checkpoint_dir else None
+            t5_bytes = t5_weight_bytes(t5_file, (components or {}).get("text_encoder"))
         kw = plan_inputs(cfg, opts, (w, h, frames), t5_bytes)
         explicit = opts.offload_model is not None or opts.stream_blocks
         if explicit:  # an explicit placement wins; say what it is expected to need
@@ -275,7 +278,7 @@ class WanT2V:
             log.info("weights: %s", line)
         return resolved
 
-    def _load(self, components, fp8_kernel: str):
+    def _load(self, checkpoint_dir, components, fp8_kernel: str):
         dit_dtype = self.config.param_dtype if self.options.convert_model_dtype else None
         vae_dtype = VAE_DTYPES[self.options.vae_dtype]
         if components is not None:
@@ -296,7 +299,7 @@ class WanT2V:
                         torch.cuda.synchronize(self.device)
                     self.load_timings[f"lora_merge_{expert}"] = time.perf_counter() - t0
             return
-        files = self.weights  # planned from headers: every key mapped, every shape checked
+        files = self.weights = self._resolve_weights(checkpoint_dir, self.weights)  # headers: keys, shapes
         loras = {e: self._lora(e) for e in ("high", "low")}  # read and checked before minutes of loading
         self.text_encoder = T5EncoderModel(
             text_len=self.config.text_len, dtype=self.config.t5_dtype, device=torch.device("cpu"),

@@ -92,8 +92,9 @@ def _fp8_kept(model, source, transform, fp8) -> frozenset[str]:
                 continue
             parent_name, _, leaf = path.rpartition(".")
             parent, old = block.get_submodule(parent_name), block.get_submodule(path)
-            setattr(parent, leaf, Fp8Linear(old.in_features, old.out_features, old.bias is not None, kernel,
-                                            device="meta"))
+            new = Fp8Linear(old.in_features, old.out_features, old.bias is not None, kernel, device="meta")
+            new.from_file = True  # convert_linears_to_fp8_ counts it instead of converting it
+            setattr(parent, leaf, new)
             keep.add(name)
     return frozenset(keep)
 

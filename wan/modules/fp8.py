@@ -209,7 +209,7 @@ def convert_linears_to_fp8_(model: nn.Module, which: str, kernel: str = "scaled_
             parent_name, _, name = path.rpartition(".")
             parent = block.get_submodule(parent_name)
             old = getattr(parent, name)
-            if isinstance(old, Fp8Linear) and old.kernel == kernel:  # kept fp8 from an fp8_scaled file at load
+            if isinstance(old, Fp8Linear) and getattr(old, "from_file", False) and old.kernel == kernel:  # loader
                 kept += 1
                 continue
             if type(old) is not nn.Linear:
