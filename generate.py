@@ -148,7 +148,7 @@ def _placement_given(args) -> bool:
     return any(getattr(args, f) is not None for f in ("max_gpu_memory", "offload_model", "stream_blocks", "vae_bands"))
 
 
-def _fast_budget(args, cfg, device, ckpt_dir):
+def _fast_budget(args, cfg, device, weights):
     """--fast on one GPU with no placement flag: plan for the memory the card has free (wan.memory_plan.fast_budget);
     the options change only where the resident run would not fit."""
     import torch
@@ -157,7 +157,9 @@ def _fast_budget(args, cfg, device, ckpt_dir):
     from wan.memory_plan import fast_budget, plan_inputs, t5_weight_bytes
 
     free = torch.cuda.mem_get_info(device)[0] / 1e9
-    t5_bytes = t5_weight_bytes(Path(ckpt_dir) / cfg.t5_checkpoint)
+    # the resolved weights (any layout: the T5 as loaded, in its dtype), or an official folder (the .pth's size)
+    t5_bytes = weights.t5.param_bytes(cfg.t5_dtype) if hasattr(weights, "t5") else \
+        t5_weight_bytes(Path(weights) / cfg.t5_checkpoint)
     kw = plan_inputs(cfg, args.options, (*plan_size(args), args.frame_num), t5_bytes)
     options, line = fast_budget(args.options, free, **kw)
     log.info(line)
@@ -166,7 +168,8 @@ def _fast_budget(args, cfg, device, ckpt_dir):
 
 def _run(argv, state: RunState) -> int:
     from wan.cli import build_parser, guide_scale, plan_size, size_tuple, validate_args
-    from wan.preflight import check_checkpoint, check_lora_file, check_tiny_dir
+    from wan.formats import resolve_weights
+    from wan.preflight import check_lora_file, check_tiny_dir
 
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -183,17 +186,18 @@ def _run(argv, state: RunState) -> int:
         if prompt.video_size is not None:  # i2v: the size follows each image
             log.info("%svideo %dx%d, %d frames, from %s", f"line {prompt.lineno}: " if prompt.lineno else "",
                      *prompt.video_size, args.frame_num, prompt.image)
-    tiny, checked = not cfg.needs_ckpt_dir, True
-    if tiny:
+    tiny, weights = not cfg.needs_ckpt_dir, None
+    if tiny and args.ckpt_dir is None and args.weight_paths.complete():  # every component given: nothing to write
+        weights = resolve_weights(cfg, None, args.weight_paths)
+    elif tiny:
         from wan.testing.tiny import MARKER, default_tiny_dir
 
         tiny_dir = Path(args.ckpt_dir or default_tiny_dir(args.task))
         check_tiny_dir(tiny_dir)
-        checked = (tiny_dir / MARKER).is_file()  # written already: check it now, else once it is written
-        if checked:
-            check_checkpoint(cfg, tiny_dir)
+        if (tiny_dir / MARKER).is_file() or (tiny_dir / "model_index.json").is_file():  # written already, or given
+            weights = resolve_weights(cfg, tiny_dir, args.weight_paths)  # else once it is written
     else:
-        check_checkpoint(cfg, args.ckpt_dir)
+        weights = resolve_weights(cfg, args.ckpt_dir, args.weight_paths)  # every header, key and shape
     for path in (args.lora_high, args.lora_low):
         if path is not None:
             check_lora_file(path)
@@ -210,22 +214,20 @@ def _run(argv, state: RunState) -> int:
         log.info("--fast turned on: %s", ", ".join(f"{k}={v}" for k, v in args.options.changed().items()))
     dist = init_distributed(args.options, args.device)
     try:
-        if tiny:
+        if weights is None:  # the tiny task's random checkpoint, written now
             from wan.testing.tiny import ensure_tiny_checkpoint
 
-            ckpt_dir = ensure_tiny_checkpoint(args.ckpt_dir, task=args.task)
-            if not checked:
-                check_checkpoint(cfg, ckpt_dir)
-        else:
-            ckpt_dir = args.ckpt_dir
+            weights = resolve_weights(cfg, ensure_tiny_checkpoint(args.ckpt_dir, task=args.task), args.weight_paths)
+        for line in weights.describe():
+            log.info("weights: %s", line)
         if args.fast and dist.world_size == 1 and dist.device.type == "cuda" and not _placement_given(args):
-            args.options = _fast_budget(args, cfg, dist.device, ckpt_dir)
+            args.options = _fast_budget(args, cfg, dist.device, weights)
         log.info("task %s, size %s, %d frames, %d steps, shift %s, solver %s, world %d, options %s", args.task,
                  args.size, args.frame_num, args.sample_steps, args.sample_shift, args.sample_solver,
                  dist.world_size, args.options.changed() or "original path")
         t_load = time.perf_counter()
         pipeline = WanI2V if cfg.takes_image else WanT2V
-        pipe = pipeline(cfg, ckpt_dir, device_id=dist.local_rank, rank=dist.rank, device=dist.device,
+        pipe = pipeline(cfg, None, device_id=dist.local_rank, rank=dist.rank, device=dist.device, weights=weights,
                         options=args.options, lora_high=args.lora_high, lora_low=args.lora_low,
                         lora_strength=args.lora_strength, plan_for=(*plan_size(args), args.frame_num))
         load_s = time.perf_counter() - t_load

@@ -13,5 +13,6 @@ setup(
     package_data={"wan": ["configs/*.json"]},  # the published step-cache ratios (wan/step_cache.py)
     python_requires=">=3.10",
     install_requires=requirements,
-    extras_require={"fa3": ["fa3-fwd"], "flash2": ["flash-attn"], "test": ["pytest", "ruff"]},
+    extras_require={"fa3": ["fa3-fwd"], "flash2": ["flash-attn"], "gguf": ["gguf>=0.13"],
+                    "test": ["pytest", "ruff", "gguf>=0.13"]},
 )

@@ -152,6 +152,52 @@ def _truncated_png(e: Env) -> Path:
     return p
 
 
+def _comfy(e: Env, name: str = "dit.safetensors") -> Path:
+    """The tiny high-noise expert as a ComfyUI single file (fp16, model.diffusion_model. prefix)."""
+    from wan.testing.layouts import write_comfy_dit
+
+    return write_comfy_dit(e.ckpt / "high_noise_model", e.tmp / name)
+
+
+def _other_task(e: Env, **changes) -> Path:
+    """A tiny DiT of another architecture (e.g. in_dim 36, an I2V expert) as one safetensors file."""
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    from wan.configs.model_config import TINY
+    from wan.modules.model import WanModel
+
+    with __import__("torch").device("meta"):
+        shapes = WanModel.from_config(replace(TINY, **changes)).state_dict()
+    torch = __import__("torch")
+    save_file({k: torch.ones(v.shape) for k, v in shapes.items()}, e.tmp / "other.safetensors")
+    return e.tmp / "other.safetensors"
+
+
+def _gguf_unknown(e: Env) -> Path:
+    from wan.testing.layouts import write_gguf_dit
+
+    write_gguf_dit(e.ckpt / "high_noise_model", e.tmp / "dit.gguf", override={"blocks.0.ffn.0.weight": "Q8_1"})
+    return e.tmp / "dit.gguf"
+
+
+def _truncated(p: Path) -> Path:
+    _truncate(p, 1000)
+    return p
+
+
+def _only_files(e: Env, *missing, task: str = "t2v-A14B") -> list[str]:
+    """`task` from per-component files only (the tiny T2V checkpoint's), lacking `missing`."""
+    flags = {"--dit_high": "high_noise_model", "--dit_low": "low_noise_model", "--t5": T5, "--vae": VAE,
+             "--tokenizer": TOK}
+    argv = ["--task", task, "--device", "cpu", "--save_file", str(e.out)]
+    for flag, name in flags.items():
+        if flag not in missing:
+            argv += [flag, str(e.ckpt / name)]
+    return argv
+
+
 def ckpt_case(id_, mutate, needle, sub=False) -> Case:
     return Case(id_, lambda e: std(e, ckpt=_ckpt_copy(e, mutate)), 1, needle, sub)
 
@@ -358,6 +404,33 @@ CASES = [
     ckpt_case("vae-empty", lambda d: (d / VAE).write_bytes(b""), f"{VAE} (the VAE) is empty"),
     ckpt_case("vae-corrupt-pickle", lambda d: _bad_pickle(d / VAE), "cannot be read as a torch checkpoint"),
     ckpt_case("tokenizer-missing", lambda d: shutil.rmtree(d / TOK), "missing tokenizer folder"),
+    # other weight layouts (wan/formats): every header read, key mapped and shape checked before loading
+    ckpt_case("layout-mixed-folder", lambda d: (d / "model_index.json").write_text("{}"), "mixes a Diffusers layout",
+              True),
+    ckpt_case("layout-diffusers-incomplete", lambda d: [shutil.rmtree(d / n) for n in ("high_noise_model",
+                                                                                        "low_noise_model", "google")]
+              + [(d / n).unlink() for n in (T5, VAE)] + [(d / "model_index.json").write_text("{}")],
+              "Diffusers-format folder"),
+    Case("layout-truncated-file", lambda e: std(e, "--dit_high", _truncated(_comfy(e))), 1, "is truncated", True),
+    Case("layout-wrong-task", lambda e: std(e, "--dit_low", _other_task(e, in_dim=36)), 1,
+         "and in_dim 36 are not the t2v-tiny DiT's 64 and 16", True),
+    Case("layout-gguf-unknown-type", lambda e: std(e, "--dit_high", _gguf_unknown(e)), 1,
+         "GGUF type Q8_1, which the installed gguf package cannot dequantize"),
+    Case("layout-dit-for-two-experts", lambda e: std(e, "--dit", _comfy(e)), 2, "pass --dit_high FILE and --dit_low"),
+    Case("layout-flag-path-missing", lambda e: std(e, "--t5", e.tmp / "umt5.safetensors"), 2,
+         "umt5.safetensors does not exist"),
+    Case("layout-no-tokenizer", lambda e: _only_files(e, "--tokenizer"), 2, "pass --tokenizer DIR"),
+    # an I2V task takes the same flags; a T2V expert file (in_dim 16) is refused from its header, before loading
+    Case("layout-t2v-dit-for-i2v", lambda e: _only_files(e, task="i2v-tiny") + [
+        *FAST[2:], "--image", str(_png(e, "a.png")), "--dit_high", str(_comfy(e)), "--dit_low", str(_comfy(e))],
+         1, "and in_dim 16 are not the i2v-tiny DiT's 64 and 36", True),
+    Case("layout-t2v-expert-folder-for-i2v", lambda e: _only_files(e, task="i2v-tiny") + [
+        *FAST[2:], "--image", str(_png(e, "a.png"))], 1, "in_dim=16 (expected 36)"),
+    Case("layout-i2v-no-ckpt-no-files", lambda e: _only_files(e, "--dit_high", "--dit_low", "--t5", "--vae",
+                                                               "--tokenizer", task="i2v-A14B")
+         + ["--image", str(_png(e, "a.png"))], 2, "official Wan2.2-I2V-A14B download"),
+    Case("layout-no-ckpt-no-files", lambda e: _only_files(e, "--dit_high", "--dit_low", "--t5", "--vae",
+                                                           "--tokenizer"), 2, "or per-component files"),
     ckpt_case("tokenizer-json-malformed", lambda d: (d / TOK / "tokenizer.json").write_text("[1,"),
               "tokenizer.json is not valid JSON"),
 ]

@@ -12,11 +12,24 @@ from wan.testing.random_init import materialize_random_, randomize_weights_on_de
 
 
 class LiveFileTensors:
-    """Wraps safetensors.safe_open: counts the tensors read from files that are still alive (weak references) at
-    each read, so a loader that keeps an fp32 tensor around while reading the next one is caught."""
+    """Wraps safetensors.safe_open (and, with `read`, the GGUF reader): counts the tensors read from files that are
+    still alive (weak references) at each read, so a loader that keeps an fp32 tensor around while reading the next
+    one is caught."""
 
     def __init__(self, safe_open):
         self.safe_open, self.live, self.max_live, self.max_live_bytes, self.largest = safe_open, [], 0, 0, 0
+
+    def track(self, t):
+        self.live = [r for r in self.live if r() is not None] + [weakref.ref(t)]
+        nbytes = sum(r().numel() * r().element_size() for r in self.live)
+        self.max_live = max(self.max_live, len(self.live))
+        self.max_live_bytes = max(self.max_live_bytes, nbytes)
+        self.largest = max(self.largest, t.numel() * t.element_size())
+        return t
+
+    def read(self, fn):
+        """Wrap a function that returns one tensor read from a file (wan.formats.source.read_gguf_tensor)."""
+        return lambda *args, **kwargs: self.track(fn(*args, **kwargs))
 
     def __call__(self, *args, **kwargs):
         tracker, handle = self, self.safe_open(*args, **kwargs)
@@ -33,13 +46,7 @@ class LiveFileTensors:
                 return getattr(handle, name)
 
             def get_tensor(self, key):
-                t = handle.get_tensor(key)
-                tracker.live = [r for r in tracker.live if r() is not None] + [weakref.ref(t)]
-                nbytes = sum(r().numel() * r().element_size() for r in tracker.live)
-                tracker.max_live = max(tracker.max_live, len(tracker.live))
-                tracker.max_live_bytes = max(tracker.max_live_bytes, nbytes)
-                tracker.largest = max(tracker.largest, t.numel() * t.element_size())
-                return t
+                return tracker.track(handle.get_tensor(key))
 
         return Handle()
 
@@ -69,6 +76,40 @@ def test_loader_keeps_one_file_tensor_alive_above_the_weights(monkeypatch, tmp_p
     model = load_wan_model(WanModel, tmp_path, "expert", torch.bfloat16, "cpu", transform=transform)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert tracker.max_live == 1, f"{tracker.max_live} file tensors alive at once"
+    assert tracker.max_live_bytes <= tracker.largest
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "comfy_fp16", "fp8_scaled", "gguf_q8_0", "gguf_q4_k"])
+def test_every_layout_keeps_one_file_tensor_alive_above_the_weights(monkeypatch, tmp_path, tiny_ckpt, layout):
+    """The same bound for every reader: Diffusers shards, a ComfyUI 16-bit file, fp8_scaled (its scalar scale is
+    copied before the weight is read) and GGUF (dequantized to fp32, then cast)."""
+    import safetensors
+
+    import wan.formats.source as source_mod
+    from wan.configs import WAN_CONFIGS
+    from wan.formats import dit_source
+    from wan.modules.checkpoint import load_dit
+    from wan.testing import layouts as L
+
+    cfg = WAN_CONFIGS["t2v-tiny"]
+    expert = tiny_ckpt / "high_noise_model"
+    if layout == "diffusers":
+        path = L.write_diffusers_folder(tiny_ckpt, tmp_path / "d", cfg) / "transformer"
+    elif layout == "comfy_fp16":
+        path = L.write_comfy_dit(expert, tmp_path / "f.safetensors", torch.float16)
+    elif layout == "fp8_scaled":
+        path = L.write_fp8_scaled_dit(expert, tmp_path / "f.safetensors", cfg.arch)
+    else:
+        pytest.importorskip("gguf")
+        path = tmp_path / "f.gguf"
+        L.write_gguf_dit(expert, path, {"gguf_q8_0": "Q8_0", "gguf_q4_k": "Q4_K"}[layout])
+    source = dit_source(path, "x", cfg.arch)
+    tracker = LiveFileTensors(safetensors.safe_open)
+    monkeypatch.setattr(safetensors, "safe_open", tracker)
+    monkeypatch.setattr(source_mod, "read_gguf_tensor", tracker.read(source_mod.read_gguf_tensor))
+    model = load_dit(WanModel, source, torch.bfloat16, "cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert tracker.largest > 0 and tracker.max_live == 1, f"{tracker.max_live} file tensors alive at once"
     assert tracker.max_live_bytes <= tracker.largest
 
 

@@ -31,6 +31,18 @@ MAX_GUIDE = 50.0  # the models are tuned for 1-5; far larger values only saturat
 MAX_LORA_STRENGTH = 10.0  # distilled LoRAs are made for 1.0
 CPU_PRACTICAL_TASKS = ("t2v-tiny", "i2v-tiny")
 log = logging.getLogger("wan")
+# per-component weights (wan.formats.WeightPaths), each winning over --ckpt_dir's; the layout is detected per file
+WEIGHT_FLAGS = {
+    "dit_high": "the high-noise expert: a ComfyUI / Kijai .safetensors (fp32, fp16, bf16, fp8_scaled), a GGUF, or an "
+                "expert folder (official, Diffusers transformer/) of the task's model (T2V or I2V); wins over "
+                "--ckpt_dir's",
+    "dit_low": "the low-noise expert, as --dit_high",
+    "dit": "the DiT of a one-model task (the A14B tasks have two: --dit_high and --dit_low)",
+    "t5": "the umt5 text encoder: .pth, .safetensors (official or Hugging Face names, fp16, bf16, fp8_scaled) or a "
+          "Diffusers text_encoder/ folder",
+    "vae": "the Wan 2.1 VAE: .pth, .safetensors or a Diffusers vae/ folder",
+    "tokenizer": "the umt5 tokenizer folder (default: --ckpt_dir's google/umt5-xxl/ or tokenizer/)",
+}
 _BLANK_CHARS = frozenset("\u115f\u1160\u3164\uffa0\u2800")  # fillers that render as nothing
 
 
@@ -116,9 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame_num", type=int, default=None,
                    help=f"frames, 4n+1, at most {MAX_FRAMES}; default: the task's, {_per_task('frame_num')}")
     p.add_argument("--ckpt_dir", type=str, default=None,
-                   help="the official Wan2.2-T2V-A14B (or -I2V-A14B) folder (required for t2v-A14B and i2v-A14B); "
-                        "for the tiny tasks the folder their random checkpoint is written to (default: "
-                        "~/.cache/wan22/)")
+                   help="the official Wan2.2-T2V-A14B (or -I2V-A14B) folder or the Diffusers one (model_index.json; "
+                        "required for t2v-A14B and i2v-A14B unless every component is given below); for the tiny "
+                        "tasks the folder their random checkpoint is written to (default: ~/.cache/wan22/)")
+    for flag, what in WEIGHT_FLAGS.items():
+        p.add_argument(f"--{flag}", type=str, default=None, metavar="DIR" if flag == "tokenizer" else "FILE",
+                       help=what)
     p.add_argument("--save_file", type=str, default=None,
                    help="output .mp4 (default: the reference's naming, in --save_dir)")
     p.add_argument("--save_dir", type=str, default=None,
@@ -330,10 +345,7 @@ def validate_args(args) -> None:
     args.sample_steps = cfg.sample_steps if args.sample_steps is None else args.sample_steps
     args.sample_shift = cfg.sample_shift if args.sample_shift is None else args.sample_shift
     _check_numbers(args, cfg)
-    if cfg.needs_ckpt_dir and not args.ckpt_dir:
-        name = cfg.checkpoint_name
-        raise UsageError(f"--ckpt_dir is required for {args.task}: the folder of the official {name} download "
-                         f"(huggingface-cli download Wan-AI/{name} --local-dir ./{name})")
+    _check_weight_paths(args, cfg)
     _check_prompts(args)
     _check_images(args, cfg)
     if args.use_prompt_extend:
@@ -373,6 +385,32 @@ def _check_step_cache(args, cfg) -> None:
         raise UsageError(f"--cache_calibrate {out}: the folder {out.resolve().parent} does not exist; create it first")
     if not os.access(out.resolve().parent, os.W_OK):
         raise UsageError(f"--cache_calibrate {out}: cannot write in {out.resolve().parent}; choose another folder")
+
+
+def _check_weight_paths(args, cfg) -> None:
+    """args.weight_paths (wan.formats.WeightPaths); --ckpt_dir may be left out only when every component is given."""
+    from .formats import WeightPaths
+
+    args.weight_paths = WeightPaths(**{f: getattr(args, f) for f in WEIGHT_FLAGS})
+    given = args.weight_paths.given()
+    for flag, path in given.items():
+        if not path.exists():
+            raise UsageError(f"--{flag} {path} does not exist")
+    if "dit" in given:
+        raise UsageError(f"{args.task} has two experts: pass --dit_high FILE and --dit_low FILE (--dit is for "
+                         "one-model tasks)")
+    if cfg.needs_ckpt_dir and not args.ckpt_dir:
+        missing = [f"--{f} {'DIR' if f == 'tokenizer' else 'FILE'}" for f in ("dit_high", "dit_low", "t5", "vae",
+                                                                              "tokenizer") if f not in given]
+        if len(missing) == 5:
+            name = cfg.checkpoint_name
+            raise UsageError(f"--ckpt_dir is required for {args.task}: the folder of the official {name} download "
+                             f"(huggingface-cli download Wan-AI/{name} --local-dir ./{name}), a Diffusers folder, or "
+                             "per-component files (--dit_high, --dit_low, --t5, --vae, --tokenizer)")
+        if missing:
+            raise UsageError(f"without --ckpt_dir every component needs its path: pass {', '.join(missing)}"
+                             + (" (the google/umt5-xxl folder of the official download, or tokenizer/ of the "
+                                "Diffusers one)" if "--tokenizer DIR" in missing else ""))
 
 
 def _check_device_kernels(options, device_arg: str | None) -> None:

@@ -3,9 +3,10 @@ with opt-in speed flags. `WanT2V` (wan/text2video.py) and `WanI2V` (wan/image2vi
 the geometry, the initial noise and, for I2V, the image condition `y` passed to the DiT.
 
 Who decides what, once:
-- build time (`__init__`): the load-time options (`wan.options`, lifetime "load"), the placement object
-  (`wan.placement`: the only code that moves weights), weight transforms (LoRA merge, dtype, fp8), the memory plan,
-  the parallel layout;
+- build time (`__init__`): the load-time options (`wan.options`, lifetime "load"), the weights (`wan.formats`:
+  every component's files of any layout, resolved once from headers and checked against the task's architecture),
+  the placement object (`wan.placement`: the only code that moves weights), weight transforms (LoRA merge, dtype,
+  fp8), the memory plan, the parallel layout;
 - call time (`_per_call` + `_configured`): the per-call options (kernels, RoPE, time embedding, compile, TF32,
   batched CFG) and a guidance strategy per expert (`wan.guidance`); process-global backend flags and the built
   configuration are restored when the call ends;
@@ -30,13 +31,14 @@ from .configs import SIZE_CONFIGS, TaskConfig
 from .errors import LoadTimeOptionError
 from .guidance import choose_guidance
 from .modules.attention import resolve_attention
+from .modules.checkpoint import load_dit
 from .modules.model import WanModel
 from .modules.qk_rope import check_request, resolve_qk_rope
 from .modules.t5 import T5EncoderModel
 from .modules.vae import VAE_DTYPES, Wan2_1_VAE
 from .options import LOAD_FIELDS, RuntimeOptions
 from .placement import choose_placement
-from .preflight import LORA_NAMES, check_checkpoint
+from .preflight import LORA_NAMES
 from .step_cache import check_cache_request, choose_step_cache, resolve
 from .utils.compile import compile_blocks, uncompile_blocks
 from .utils.schedulers import build_scheduler, expert_for_timestep
@@ -105,14 +107,17 @@ class WanPipeline:
                  dit_fsdp: bool = False, use_sp: bool = False, t5_cpu: bool = False, convert_model_dtype: bool = False,
                  device=None, options: RuntimeOptions | None = None, components: dict | None = None,
                  lora_high=None, lora_low=None, lora_dir=None, lora_strength=1.0, plan_for=None,
-                 fp8_kernel: str = "scaled_mm"):
+                 fp8_kernel: str = "scaled_mm", weights=None):
         """Same arguments as the reference (placement follows options.offload_model); ours: `device` (default
         cuda:device_id, else CPU), `options`, LoRA files (`lora_dir` in the Lightning layout, or per expert; merged
         into the weights at load), and `components` (text_encoder, vae, low_noise_model, high_noise_model: random
         models for benchmarks, used as given; LoRAs are merged into them). `plan_for` = (width, height, frames)
         sizes the memory plan of options.max_gpu_memory (default: the task's default size and frame count).
         `fp8_kernel`: "scaled_mm" (the fp8 GPU kernels) or "emulated" (their math on any device, for tests; it also
-        emulates attn_backend flash3_fp8); only read when options ask for fp8.
+        emulates attn_backend flash3_fp8); only read when options ask for fp8. `weights`: per-component paths
+        (`wan.formats.WeightPaths`: ComfyUI / Kijai / GGUF / Diffusers files, winning over checkpoint_dir's) or an
+        already resolved `wan.formats.ResolvedWeights`; checkpoint_dir may be an official or a Diffusers folder.
+        Every file is checked against the task's architecture (an I2V expert's in_dim is 36, a T2V one's 16).
         """
         self.config, self.rank = config, rank
         opts = options or RuntimeOptions()
@@ -132,6 +137,7 @@ class WanPipeline:
         self.vae_stride, self.patch_size = config.vae_stride, config.patch_size
         self.sample_neg_prompt = config.sample_neg_prompt
         self.loras = self._lora_files(lora_dir, lora_high, lora_low, lora_strength)
+        self.weights = weights  # WeightPaths or ResolvedWeights; resolved (headers read) in _load
 
         self.cfg_group, self.cfg_rank, self.sp_group, mesh = None, 0, None, None
         if self.world_size > 1:
@@ -162,7 +168,7 @@ class WanPipeline:
         self._fused_qk_rope(self.options)  # refused before anything loads
 
         t0 = time.perf_counter()
-        self._load(checkpoint_dir, components)
+        self._load(checkpoint_dir, components, fp8_kernel)
         self._convert_fp8(fp8_kernel)  # after any LoRA merge, before the placement moves the experts
         self.placement.attach({"high": self.high_noise_model, "low": self.low_noise_model}, self.text_encoder)
         if self.options.max_gpu_memory:  # capped once the weights are placed (benchmarks build them on the GPU)
@@ -191,8 +197,12 @@ class WanPipeline:
         cfg = self.config
         w, h = plan_for[:2] if plan_for else SIZE_CONFIGS[cfg.default_size]
         frames = plan_for[2] if plan_for else cfg.frame_num
-        t5_file = Path(checkpoint_dir) / cfg.t5_checkpoint if checkpoint_dir else None
-        kw = plan_inputs(cfg, opts, (w, h, frames), t5_weight_bytes(t5_file, (components or {}).get("text_encoder")))
+        if hasattr(self.weights, "t5"):  # resolved already (generate.py): the T5 as it will be held
+            t5_bytes = self.weights.t5.param_bytes(cfg.t5_dtype)
+        else:  # planned before any file is read: the official .pth's size, else umt5-xxl's
+            t5_file = Path(checkpoint_dir) / cfg.t5_checkpoint if checkpoint_dir else None
+            t5_bytes = t5_weight_bytes(t5_file, (components or {}).get("text_encoder"))
+        kw = plan_inputs(cfg, opts, (w, h, frames), t5_bytes)
         explicit = opts.offload_model is not None or opts.stream_blocks
         if explicit:  # an explicit placement wins; say what it is expected to need
             name = "stream" if opts.stream_blocks else ("offload" if opts.offload_model else "resident")
@@ -265,7 +275,18 @@ class WanPipeline:
         path, strength = self.loras[expert]
         return LoraMerge(path, strength)
 
-    def _load(self, checkpoint_dir, components):
+    def _resolve_weights(self, checkpoint_dir, weights):
+        """Every component's files, layout and plan, from headers (wan.formats); nothing is loaded yet."""
+        from .formats import ResolvedWeights, resolve_weights
+
+        if isinstance(weights, ResolvedWeights):
+            return weights
+        resolved = resolve_weights(self.config, checkpoint_dir, weights)
+        for line in resolved.describe():
+            log.info("weights: %s", line)
+        return resolved
+
+    def _load(self, checkpoint_dir, components, fp8_kernel: str):
         dit_dtype = self.config.param_dtype if self.options.convert_model_dtype else None
         vae_dtype = VAE_DTYPES[self.options.vae_dtype]
         if components is not None:
@@ -286,19 +307,17 @@ class WanPipeline:
                         torch.cuda.synchronize(self.device)
                     self.load_timings[f"lora_merge_{expert}"] = time.perf_counter() - t0
             return
-        ckpt = Path(checkpoint_dir)
-        check_checkpoint(self.config, ckpt)  # every file's header or pickle table, named on any failure
+        files = self.weights = self._resolve_weights(checkpoint_dir, self.weights)  # headers: keys, shapes
         loras = {e: self._lora(e) for e in ("high", "low")}  # read and checked before minutes of loading
         self.text_encoder = T5EncoderModel(
             text_len=self.config.text_len, dtype=self.config.t5_dtype, device=torch.device("cpu"),
-            checkpoint_path=str(ckpt / self.config.t5_checkpoint), tokenizer_path=str(ckpt / self.config.t5_tokenizer))
-        self.vae = Wan2_1_VAE(vae_pth=str(ckpt / self.config.vae_checkpoint), dtype=vae_dtype, device=self.device,
+            checkpoint_path=files.t5, tokenizer_path=str(files.tokenizer))
+        self.vae = Wan2_1_VAE(vae_pth=files.vae, dtype=vae_dtype, device=self.device,
                               decode_bands=self.options.vae_bands)
         dev = self.placement.load_device
-        self.low_noise_model = WanModel.from_pretrained(ckpt, self.config.low_noise_checkpoint, dit_dtype, dev,
-                                                        transform=loras["low"])
-        self.high_noise_model = WanModel.from_pretrained(ckpt, self.config.high_noise_checkpoint, dit_dtype, dev,
-                                                         transform=loras["high"])
+        fp8 = (self.options.fp8_linear, fp8_kernel) if self.options.fp8_linear != "none" else None
+        self.low_noise_model = load_dit(WanModel, files.low, dit_dtype, dev, transform=loras["low"], fp8=fp8)
+        self.high_noise_model = load_dit(WanModel, files.high, dit_dtype, dev, transform=loras["high"], fp8=fp8)
         for expert, lora in loras.items():
             if lora is not None:
                 log.info("LoRA %s-noise expert: %s", expert, lora.summary())

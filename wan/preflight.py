@@ -28,7 +28,7 @@ _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 
                 "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 TINY_MARKER = ".wan_tiny_complete"  # wan.testing.tiny.MARKER (not imported: the library never imports testing)
 
-__all__ = ["PathError", "check_checkpoint", "check_tiny_dir", "lora_files", "check_lora_file",
+__all__ = ["PathError", "check_tiny_dir", "lora_files", "check_lora_file",
            "read_safetensors_header", "check_torch_file", "check_tokenizer_dir", "check_expert_dir"]
 
 
@@ -206,24 +206,6 @@ def check_expert_dir(folder, arch: WanConfig | None = None) -> None:
 
 
 # ---- folders ----------------------------------------------------------------------------------------------------
-def check_checkpoint(config, ckpt_dir) -> None:
-    """Every file of a checkpoint folder in the official layout (T5 .pth, tokenizer, VAE .pth, both experts)."""
-    ckpt = Path(ckpt_dir)
-    if not ckpt.exists():
-        raise PathError(f"--ckpt_dir {ckpt} does not exist; {DOWNLOAD_HINT}")
-    if not ckpt.is_dir():
-        raise PathError(f"--ckpt_dir {ckpt} is not a directory; {DOWNLOAD_HINT}")
-    if (ckpt / "model_index.json").is_file():
-        raise CheckpointError(f"{ckpt} is a Diffusers-format checkpoint (model_index.json); point --ckpt_dir at the "
-                              f"original Wan2.2-T2V-A14B layout instead; {DOWNLOAD_HINT}")
-    t5 = ckpt / config.t5_checkpoint
-    check_torch_file(t5, "the T5 text encoder")
-    check_tokenizer_dir(ckpt / config.t5_tokenizer)
-    check_torch_file(ckpt / config.vae_checkpoint, "the VAE")
-    for sub in (config.high_noise_checkpoint, config.low_noise_checkpoint):
-        check_expert_dir(ckpt / sub, getattr(config, "arch", None))
-
-
 def check_tiny_dir(folder) -> None:
     """The tiny task's --ckpt_dir: a complete tiny checkpoint, or a place where one can be written (an empty or new
     folder whose parent accepts new entries)."""
@@ -232,7 +214,7 @@ def check_tiny_dir(folder) -> None:
         raise PathError(f"--ckpt_dir {folder} is a file; a tiny task needs a folder (it writes its random checkpoint "
                         "there)")
     if folder.is_dir():
-        if (folder / TINY_MARKER).is_file():
+        if (folder / TINY_MARKER).is_file() or (folder / "model_index.json").is_file():  # written, or Diffusers
             return
         try:
             foreign = any(folder.iterdir())

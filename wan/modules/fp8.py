@@ -176,17 +176,21 @@ class Fp8Summary:
     linears: int  # converted
     bytes_before: int  # of the converted linears' parameters
     bytes_after: int
+    from_file: int = 0  # linears whose e4m3 weights and per-tensor scale came from an fp8_scaled file as stored
 
     def describe(self) -> str:
-        if not self.linears:
+        if not self.linears and not self.from_file:
             return "off"
+        kept = f"; {self.from_file} more kept as stored in the fp8_scaled file (per-tensor scale)" \
+            if self.from_file else ""
         return (f"{self.which} ({self.kernel}): {self.linears} linears in e4m3, their weights "
-                f"{_size(self.bytes_before)} -> {_size(self.bytes_after)}")
+                f"{_size(self.bytes_before)} -> {_size(self.bytes_after)}{kept}")
 
 
 @torch.no_grad()
 def convert_linears_to_fp8_(model: nn.Module, which: str, kernel: str = "scaled_mm", device=None) -> Fp8Summary:
-    """Replace the `which` linears (TARGETS) of every `model.blocks[i]` by Fp8Linear, in place. `device` is where the
+    """Replace the `which` linears (TARGETS) of every `model.blocks[i]` by Fp8Linear, in place (those already
+    Fp8Linear, kept from an fp8_scaled file by the loader, are counted in `from_file`). `device` is where the
     model will run (default: where its parameters are; the quantisation runs there when it is a GPU, so a model
     loaded into host memory for offloading converts at GPU speed). kernel "scaled_mm" refuses where fp8 cannot run."""
     if which not in TARGETS:
@@ -199,15 +203,18 @@ def convert_linears_to_fp8_(model: nn.Module, which: str, kernel: str = "scaled_
     if kernel == "scaled_mm":
         check_fp8_support(run_on)
     compute = run_on if run_on.type == "cuda" else None
-    count = before = after = 0
+    count = before = after = kept = 0
     for block in model.blocks:
         for path in TARGETS[which]:
             parent_name, _, name = path.rpartition(".")
             parent = block.get_submodule(parent_name)
             old = getattr(parent, name)
+            if isinstance(old, Fp8Linear) and getattr(old, "from_file", False) and old.kernel == kernel:  # loader
+                kept += 1
+                continue
             if type(old) is not nn.Linear:
                 raise TypeError(f"blocks.*.{path} is {type(old).__name__}, not nn.Linear (converted twice?)")
             new = Fp8Linear.from_linear(old, kernel, compute_device=compute)
             setattr(parent, name, new)
             count, before, after = count + 1, before + _nbytes(old), after + _nbytes(new)
-    return Fp8Summary(which, kernel, count, before, after)
+    return Fp8Summary(which, kernel, count, before, after, kept)

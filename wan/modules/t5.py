@@ -14,7 +14,7 @@ from .tokenizers import HuggingfaceTokenizer
 
 __all__ = [
     "T5EncoderModel", "T5_CHECKPOINT", "map_wan_t5_key", "map_umt5_key_to_wan", "umt5_to_wan_state_dict",
-    "official_t5_shapes", "infer_umt5_config",
+    "official_t5_shapes", "infer_umt5_config", "check_umt5_shapes",
 ]
 
 logger = logging.getLogger("wan")
@@ -96,29 +96,35 @@ def _fail(path: str, problems: list[str]):
 
 def infer_umt5_config(sd: dict, path: str = "<state dict>", max_distance: int = 128) -> UMT5Config:
     """Architecture from tensor shapes (Wan keys), then a full key/shape check. One-line CheckpointError on mismatch."""
-    need = {"token_embedding.weight": 2, "blocks.0.pos_embedding.embedding.weight": 2,
-            "blocks.0.attn.q.weight": 2, "blocks.0.ffn.fc1.weight": 2}
-    bad = [f"missing {k}" if k not in sd else f"{k} is not a {n}-d tensor"
-           for k, n in need.items() if not (isinstance(sd.get(k), torch.Tensor) and sd[k].ndim == n)]
+    bad = [f"{k} is a {type(v).__name__}, not a tensor" for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
         _fail(path, bad)
-    vocab, d_model = sd["token_embedding.weight"].shape  # [V, D]
-    buckets, heads = sd["blocks.0.pos_embedding.embedding.weight"].shape  # [buckets, heads]
-    inner = sd["blocks.0.attn.q.weight"].shape[0]  # [heads*d_kv, D]; d_kv need not be D // heads
-    d_ff = sd["blocks.0.ffn.fc1.weight"].shape[0]  # [d_ff, D]
+    return check_umt5_shapes({k: tuple(v.shape) for k, v in sd.items()}, path, max_distance)
+
+
+def check_umt5_shapes(shapes: dict, path: str = "<state dict>", max_distance: int = 128) -> UMT5Config:
+    """`infer_umt5_config` on {Wan key: shape} (a header's worth: nothing read)."""
+    need = {"token_embedding.weight": 2, "blocks.0.pos_embedding.embedding.weight": 2,
+            "blocks.0.attn.q.weight": 2, "blocks.0.ffn.fc1.weight": 2}
+    bad = [f"missing {k}" if k not in shapes else f"{k} is not a {n}-d tensor"
+           for k, n in need.items() if len(shapes.get(k, ())) != n]
+    if bad:
+        _fail(path, bad)
+    vocab, d_model = shapes["token_embedding.weight"]  # [V, D]
+    buckets, heads = shapes["blocks.0.pos_embedding.embedding.weight"]  # [buckets, heads]
+    inner = shapes["blocks.0.attn.q.weight"][0]  # [heads*d_kv, D]; d_kv need not be D // heads
+    d_ff = shapes["blocks.0.ffn.fc1.weight"][0]  # [d_ff, D]
     if inner % heads:
         _fail(path, [f"q rows {inner} not divisible by {heads} heads"])
-    layers = 1 + max(int(m[1]) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    layers = 1 + max(int(m[1]) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k)))
     expected = official_t5_shapes(vocab, d_model, inner, d_ff, heads, layers, buckets)
 
-    problems = [f"missing {k}" for k in expected if k not in sd]
-    for k, v in sd.items():
+    problems = [f"missing {k}" for k in expected if k not in shapes]
+    for k, shape in shapes.items():
         if k not in expected:
             problems.append(f"unexpected {k}")
-        elif not isinstance(v, torch.Tensor):
-            problems.append(f"{k} is a {type(v).__name__}, not a tensor")
-        elif tuple(v.shape) != expected[k]:
-            problems.append(f"{k} has shape {list(v.shape)}, expected {list(expected[k])}")
+        elif tuple(shape) != expected[k]:
+            problems.append(f"{k} has shape {list(shape)}, expected {list(expected[k])}")
     if problems:
         _fail(path, problems)
     return UMT5Config(
@@ -127,8 +133,12 @@ def infer_umt5_config(sd: dict, path: str = "<state dict>", max_distance: int = 
         feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0)
 
 
-def load_umt5_encoder(path: str, dtype: torch.dtype = torch.bfloat16) -> UMT5EncoderModel:
-    """Official `.pth` -> UMT5EncoderModel on CPU in `dtype`, eval, no grad (weights mmap'd when dtype matches)."""
+def load_umt5_encoder(path, dtype: torch.dtype = torch.bfloat16) -> UMT5EncoderModel:
+    """The encoder on CPU in `dtype`, eval, no grad. `path`: the official `.pth` (weights mmap'd when the dtype
+    matches), or a `wan.formats.WeightSource` of any layout (Hugging Face names, fp16, fp8_scaled: dequantized in
+    `dtype` as ComfyUI does)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return _load_from_source(path, dtype)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"T5 checkpoint not found: {path} ({T5_CHECKPOINT} comes with the official Wan2.2-T2V-A14B download; "
@@ -142,15 +152,26 @@ def load_umt5_encoder(path: str, dtype: torch.dtype = torch.bfloat16) -> UMT5Enc
         sd = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(sd, dict):
         _fail(path, [f"top level is a {type(sd).__name__}, not a dict"])
-    config = infer_umt5_config(sd, path)
+    return _build(infer_umt5_config(sd, path), sd.items(), dtype)
+
+
+def _load_from_source(source, dtype: torch.dtype) -> UMT5EncoderModel:
+    config = check_umt5_shapes(source.shapes(), str(source.where))
+    model = _build(config, source.read(dequant_dtype=dtype), dtype)
+    logger.info("%s", source.describe(dtype))
+    return model
+
+
+def _build(config: UMT5Config, tensors, dtype: torch.dtype) -> UMT5EncoderModel:
+    """UMT5EncoderModel on meta, then every (Wan key, tensor) assigned, cast to `dtype` one at a time."""
     # Pinned, not left to the default: SDPA accumulates the softmax in fp32 as the reference does (HF eager: in bf16).
     config._attn_implementation = "sdpa"
     with torch.device("meta"):  # no allocation, no random init: every tensor comes from the file
         model = UMT5EncoderModel(config)
-    result = model.load_state_dict({map_wan_t5_key(k): v for k, v in sd.items()}, strict=False, assign=True)
+    state = {map_wan_t5_key(k): v.to(dtype) for k, v in tensors}
+    result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys or set(result.missing_keys) != {_TIED_KEY}:  # a mapping bug, not a bad file
         raise RuntimeError(f"UMT5 key mapping is out of date: {result}")
-    model.to(dtype)
     model.encoder.embed_tokens.weight = model.shared.weight  # re-tie: assign=True replaced shared.weight
     model.eval().requires_grad_(False)
     return model
@@ -159,7 +180,8 @@ def load_umt5_encoder(path: str, dtype: torch.dtype = torch.bfloat16) -> UMT5Enc
 class T5EncoderModel:
     """Prompt list -> per-prompt umt5 embeddings [n_i, d_model] (n_i = real tokens incl. EOS), like the reference.
 
-    text_len: pad/truncate length (512 for Wan). checkpoint_path: the official `.pth`. tokenizer_path: the
+    text_len: pad/truncate length (512 for Wan). checkpoint_path: the official `.pth` (or a
+    `wan.formats.WeightSource` of any layout). tokenizer_path: the
     `google/umt5-xxl` folder. shard_fn(model) -> model, if given, replaces the move to `device` (FSDP).
     """
 

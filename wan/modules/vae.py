@@ -3,10 +3,12 @@
 Public API mirrors the reference `wan/modules/vae2_1.py::Wan2_1_VAE`:
   encode(list of [3,T,H,W] in [-1,1]) -> list of normalised latents [16, 1+(T-1)//4, H/8, W/8]
   decode(list of [16,T',h,w])         -> list of videos [3, 1+4(T'-1), 8h, 8w] in [-1,1]
-The checkpoint is the original `Wan2.1_VAE.pth` (original Wan key names); it is converted with
-diffusers' `convert_wan_vae_to_diffusers`. Importing this module never touches CUDA.
+The checkpoint is the original `Wan2.1_VAE.pth` (original Wan key names), or a `wan.formats.WeightSource` of any
+layout that yields those names; it is converted with diffusers' `convert_wan_vae_to_diffusers`. Importing this module
+never touches CUDA.
 """
 import contextlib
+import logging
 import os
 import zipfile
 
@@ -92,7 +94,12 @@ class Wan2_1_VAE:
         self.std = torch.tensor(WAN21_VAE_STD, dtype=torch.float32, device=self.device)
         self.scale = [self.mean, 1.0 / self.std]
 
-        sd = load_wan_vae_state_dict(vae_pth)
+        if isinstance(vae_pth, (str, os.PathLike)):
+            sd = load_wan_vae_state_dict(vae_pth)
+        else:  # a wan.formats.WeightSource (any layout, official names out): the VAE is small, read it whole
+            sd = dict(vae_pth.read(dequant_dtype=dtype))
+            logging.getLogger("wan").info("%s", vae_pth.describe(dtype))
+            vae_pth = str(vae_pth.where)
         # base_dim / z_dim from the checkpoint: encoder.conv1 [base,3,3,3,3], conv2 [z,z,1,1,1].
         for key in ("encoder.conv1.weight", "conv2.weight"):
             if key not in sd or sd[key].ndim != 5:
