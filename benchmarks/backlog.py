@@ -190,6 +190,15 @@ ROWS: tuple[Row, ...] = (
         "I2V 720p: a 4-step video with a random rank-64 LoRA pair: target at most 45 s", key=_fewstep_key),
     # step caching (issue 22): estimates from h200_480p_full_generation.json (218 s per --fast video, 17 s build) and
     # the 720p waterfall rows, plus about 15% for an H100
+    # checkpoint layouts (issue 20): one random A14B expert in bf16 written in each layout (one on disk at a time,
+    # 28.6 GB at most), its load onto the GPU timed against the official layout's
+    Row("layouts_a14b_comfy", _bench("layouts", "--size", "a14b", "--device", "cuda", "--repeat", "2", "--layouts",
+                                     "official,comfy_bf16,fp8_scaled", "--out", OUT, deadline=False), 420,
+        "load time onto the GPU of one A14B expert: official, ComfyUI bf16, fp8_scaled (target: within 10% of the "
+        "official layout's for the same dtype)"),
+    Row("layouts_a14b_diffusers", _bench("layouts", "--size", "a14b", "--device", "cuda", "--repeat", "2",
+                                         "--layouts", "official,diffusers,gguf_q8_0", "--out", OUT, deadline=False),
+        420, "load time onto the GPU of one A14B expert: official, Diffusers, GGUF Q8_0"),
     Row("cache_480p_magcache", _cache_ab(_FAST, "magcache"), 500,
         "a whole 480p 40-step --fast video without and with --cache magcache (published settings, 52 of 80 calls) on "
         "the same weights: video and DiT seconds, latent drift and decoded-video PSNR / SSIM against the uncached "

@@ -178,7 +178,7 @@ def fp8_kept_rows(official: Path, fp8_file: Path, config, out_ref: torch.Tensor)
             "official weights, per-channel e4m3 (--fp8_linear all)": run(official, False)}
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=list(SIZES), default="small")
     p.add_argument("--device", default="cpu")
@@ -188,7 +188,11 @@ def main(argv=None) -> int:
     p.add_argument("--forward", action="store_true", help="also the forward errors (CPU sizes)")
     p.add_argument("--dir", default=None, help="where the files are written (default: a temporary folder)")
     p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     config, device, dtype = SIZES[args.size], torch.device(args.device), DTYPES[args.dtype]
     layouts = args.layouts.split(",")
     root = Path(tempfile.mkdtemp(prefix="wan_layouts_", dir=args.dir))
