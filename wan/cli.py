@@ -1,5 +1,5 @@
-"""Argument parsing and validation for generate.py: the reference's t2v / i2v flags, plus one flag per RuntimeOptions
-field.
+"""Argument parsing and validation for generate.py: the reference's t2v / i2v / ti2v flags, plus one flag per
+RuntimeOptions field.
 
 Every check here runs before anything loads and ends in one `UsageError` line that names the flag, the allowed
 range and (where there is one) the reason for the bound.
@@ -29,7 +29,7 @@ MAX_STEPS = 1000  # the schedulers' 1000 training timesteps
 MAX_SHIFT = 100.0  # past this every step but the last sits near t = 1000
 MAX_GUIDE = 50.0  # the models are tuned for 1-5; far larger values only saturate the video
 MAX_LORA_STRENGTH = 10.0  # distilled LoRAs are made for 1.0
-CPU_PRACTICAL_TASKS = ("t2v-tiny", "i2v-tiny")
+CPU_PRACTICAL_TASKS = tuple(n for n, c in WAN_CONFIGS.items() if not c.needs_ckpt_dir)  # the tiny tasks
 log = logging.getLogger("wan")
 _BLANK_CHARS = frozenset("\u115f\u1160\u3164\uffa0\u2800")  # fillers that render as nothing
 
@@ -103,19 +103,21 @@ def _fast_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description="Generate a video from a text prompt (and, for i2v, a first frame) with Wan 2.2 "
-                                   "T2V-A14B or I2V-A14B.")
+    p = ArgumentParser(description="Generate a video from a text prompt (and, for i2v and ti2v, a first frame) with "
+                                   "Wan 2.2 T2V-A14B, I2V-A14B or TI2V-5B.")
     sizes = "; ".join(f"{name}: {', '.join(cfg.supported_sizes)}" for name, cfg in WAN_CONFIGS.items())
     p.add_argument("--task", type=str, default="t2v-A14B",
-                   help=f"one of {', '.join(WAN_CONFIGS)} (t2v-tiny, i2v-tiny: built-in random models for CPU smoke "
-                        "runs)")
+                   help=f"one of {', '.join(WAN_CONFIGS)} ({', '.join(CPU_PRACTICAL_TASKS)}: built-in random models "
+                        "for CPU smoke runs)")
     p.add_argument("--size", type=str, default=None,
-                   help=f"WIDTH*HEIGHT ({sizes}); for i2v only its area counts, the aspect ratio is the image's; "
+                   help=f"WIDTH*HEIGHT ({sizes}); with an image (i2v, ti2v) only its area counts, the aspect ratio "
+                        "is the image's; "
                         f"default: the task's, {_per_task('default_size')}")
     p.add_argument("--frame_num", type=int, default=None,
                    help=f"frames, 4n+1, at most {MAX_FRAMES}; default: the task's, {_per_task('frame_num')}")
     p.add_argument("--ckpt_dir", type=str, default=None,
-                   help="the official Wan2.2-T2V-A14B (or -I2V-A14B) folder (required for t2v-A14B and i2v-A14B); "
+                   help="the official Wan2.2-T2V-A14B (or -I2V-A14B, -TI2V-5B) folder (required for the full-size "
+                        "tasks); "
                         "for the tiny tasks the folder their random checkpoint is written to (default: "
                         "~/.cache/wan22/)")
     p.add_argument("--save_file", type=str, default=None,
@@ -128,10 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch mode: one prompt per line (blank lines and lines starting with # are skipped); the "
                         "models load once, one video per prompt")
     p.add_argument("--image", type=str, default=None,
-                   help="i2v: the video's first frame (PNG, JPEG, WebP, ...; required for i2v tasks); its aspect "
+                   help="the video's first frame (PNG, JPEG, WebP, ...): required for i2v, optional for ti2v "
+                        "(without it, text to video); its aspect "
                         "ratio sets the video's")
     p.add_argument("--image_file", type=str, default=None,
-                   help="i2v batch mode, with --prompt_file: one image path per prompt line, in the same order "
+                   help="i2v / ti2v batch mode, with --prompt_file: one image path per prompt line, in the same order "
                         "(blank lines and lines starting with # are skipped)")
     p.add_argument("--use_prompt_extend", action="store_true", help="(reference flag; not supported here)")
     p.add_argument("--prompt_extend_method", type=str, default="local_qwen", choices=["dashscope", "local_qwen"],
@@ -197,8 +200,8 @@ class PromptLine:
     index: int  # position among the prompt lines (names the video in batch mode)
     lineno: int | None  # line in --prompt_file (None for --prompt)
     text: str
-    image: str | None = None  # i2v: the first frame's file (checked: it decodes)
-    video_size: tuple[int, int] | None = None  # i2v: (width, height) of the video, from the image and --size
+    image: str | None = None  # i2v / ti2v: the first frame's file (checked: it decodes)
+    video_size: tuple[int, int] | None = None  # with an image: (width, height) of the video, from it and --size
 
 
 def _read_lines(path: str, flag: str) -> str:
@@ -262,10 +265,14 @@ def _check_numbers(args, cfg) -> None:
         raise UsageError(f"--base_seed must be -1 (draw one) or in [0, 2**63), got {args.base_seed}")
 
 
-def _check_loras(args) -> None:
+def _check_loras(args, cfg) -> None:
     from .preflight import PathError, lora_files
 
     given = any(v is not None for v in (args.lora_dir, args.lora_high, args.lora_low))
+    if cfg.boundary is None and (given or args.distilled):
+        flag = "--distilled" if args.distilled and not given else "--lora_dir / --lora_high / --lora_low"
+        raise UsageError(f"{flag}: {args.task} has one DiT and no published LoRA or few-step preset; LoRAs are for "
+                         "the two-expert A14B tasks")
     strength = args.lora_strength
     if strength is not None:
         if not given:
@@ -337,7 +344,7 @@ def validate_args(args) -> None:
     _check_images(args, cfg)
     if args.use_prompt_extend:
         raise UsageError("--use_prompt_extend is not supported by this implementation; extend the prompt yourself")
-    _check_loras(args)
+    _check_loras(args, cfg)
     check_device(args.device, args.task)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
@@ -402,8 +409,9 @@ def read_image_file(path: str) -> list[str]:
 
 
 def _check_images(args, cfg) -> None:
-    """i2v: every prompt gets its first frame, decoded once here (before anything loads) with the video size it
-    gives; a bad --image is a usage error, a bad --image_file line makes its prompt a bad line (skipped)."""
+    """i2v (and ti2v when given one): every prompt gets its first frame, decoded once here (before anything loads)
+    with the video size it gives; a bad --image is a usage error, a bad --image_file line makes its prompt a bad line
+    (skipped). ti2v without an image is text-to-video."""
     if not cfg.takes_image:
         if args.image is not None or args.image_file is not None:
             i2v = ", ".join(n for n, c in WAN_CONFIGS.items() if c.takes_image)
@@ -423,12 +431,17 @@ def _check_images(args, cfg) -> None:
                              f"of {args.prompt_file}; give one image per prompt line, in the same order")
         images = {p.index: paths[p.index] for p in args.prompts}
     elif args.image is None:
+        if not cfg.needs_image:  # ti2v: text to video
+            return
         raise UsageError(f"{args.task} needs --image PATH, the video's first frame (or --image_file with "
                          "--prompt_file)")
     else:
         images = {p.index: args.image for p in args.prompts}
     from .image_condition import i2v_geometry
+    from .ti2v_inputs import ti2v_geometry
     from .utils.image import ImageInputError, load_image
+
+    geometry = ti2v_geometry if cfg.arch.model_type == "ti2v" else i2v_geometry
 
     checked: dict[str, tuple[int, int] | str] = {}  # path -> video size, or why it cannot be used
     good = []
@@ -441,7 +454,7 @@ def _check_images(args, cfg) -> None:
                 for note in loaded.notes:
                     log.warning("%s %s: %s", flag, path, note)
                 w, h = loaded.size
-                geo = i2v_geometry(w, h, MAX_AREA_CONFIGS[args.size], cfg.vae_stride, cfg.patch_size)
+                geo = geometry(w, h, MAX_AREA_CONFIGS[args.size], cfg.vae_stride, cfg.patch_size)
                 checked[path] = (geo.width, geo.height)
             except ImageInputError as exc:
                 checked[path] = str(exc)
@@ -460,7 +473,7 @@ def _check_images(args, cfg) -> None:
 
 
 def plan_size(args) -> tuple[int, int]:
-    """(width, height) the memory plan sizes for: --size, or for i2v the largest video the images give."""
+    """(width, height) the memory plan sizes for: --size, or with images the largest video they give."""
     sizes = [p.video_size for p in getattr(args, "prompts", ()) if p.video_size is not None]
     return max(sizes, key=lambda s: s[0] * s[1]) if sizes else size_tuple(args.size)
 

@@ -22,7 +22,7 @@ from .modules.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME
 
 LORA_NAMES = {"high": "high_noise_model.safetensors", "low": "low_noise_model.safetensors"}  # Lightning layout
 DOWNLOAD_HINT = ("download it with: huggingface-cli download Wan-AI/Wan2.2-T2V-A14B --local-dir ./Wan2.2-T2V-A14B "
-                 "(Wan2.2-I2V-A14B for the i2v task)")
+                 "(Wan2.2-I2V-A14B for the i2v task, Wan2.2-TI2V-5B for ti2v)")
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                 "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
@@ -207,7 +207,8 @@ def check_expert_dir(folder, arch: WanConfig | None = None) -> None:
 
 # ---- folders ----------------------------------------------------------------------------------------------------
 def check_checkpoint(config, ckpt_dir) -> None:
-    """Every file of a checkpoint folder in the official layout (T5 .pth, tokenizer, VAE .pth, both experts)."""
+    """Every file of a checkpoint folder in the official layout (T5 .pth, tokenizer, VAE .pth, both experts or the
+    one DiT)."""
     ckpt = Path(ckpt_dir)
     if not ckpt.exists():
         raise PathError(f"--ckpt_dir {ckpt} does not exist; {DOWNLOAD_HINT}")
@@ -220,7 +221,7 @@ def check_checkpoint(config, ckpt_dir) -> None:
     check_torch_file(t5, "the T5 text encoder")
     check_tokenizer_dir(ckpt / config.t5_tokenizer)
     check_torch_file(ckpt / config.vae_checkpoint, "the VAE")
-    for sub in (config.high_noise_checkpoint, config.low_noise_checkpoint):
+    for sub in config.experts.values():  # "" (TI2V-5B): the DiT at the folder root
         check_expert_dir(ckpt / sub, getattr(config, "arch", None))
 
 
