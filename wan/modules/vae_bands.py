@@ -261,7 +261,8 @@ def decode_banded(vae_model: nn.Module, z: torch.Tensor, bands: int, split: int 
     """`vae_model.decode(z).sample` of a Wan 2.1 / 2.2 AutoencoderKLWan, decoded in `bands` bands of rows.
 
     z: un-normalised latent [1, z_dim, T, h, w] in the model's dtype -> video [1, 3, 1 + 4(T - 1), 8h, 8w] (2.2:
-    16h, 16w) clamped to [-1, 1]. Rows are banded from up_blocks[split] on, each band read with `halo` extra rows (default: halo_rows).
+    16h, 16w) clamped to [-1, 1]. Rows are banded from up_blocks[split] on, each band read with `halo` extra rows
+    (default: halo_rows).
     order "frame": per latent frame, the trunk then every band (all bands' caches live; split default 2).
     order "band": the trunk over all frames first (its outputs kept), then per band all frames, only that band's
     caches live, each block's input cropped to the rows still needed (split default 0). See the module docstring.
