@@ -120,6 +120,13 @@ def i2v(e: Env, *extra, image=None) -> list[str]:
     return argv + (["--image", str(image)] if image is not None else []) + [str(x) for x in extra]
 
 
+def ti2v(e: Env, *extra, image=None) -> list[str]:
+    """A valid, fast ti2v-tiny command line (the image optional) plus `extra`."""
+    argv = ["--task", "ti2v-tiny", "--ckpt_dir", str(e.tmp / "ti2v_ckpt"), *FAST, "--prompt", "a cat boxing",
+            "--save_file", str(e.out)]
+    return argv + (["--image", str(image)] if image is not None else []) + [str(x) for x in extra]
+
+
 def i2v_batch(e: Env, prompts: str, images: str, *extra) -> list[str]:
     """An i2v-tiny batch command line: --prompt_file and --image_file holding these lines."""
     return ["--task", "i2v-tiny", "--ckpt_dir", str(e.tmp / "i2v_ckpt"), *FAST, "--prompt_file",
@@ -280,6 +287,19 @@ CASES = [
     Case("image-file-no-usable-image", lambda e: i2v_batch(e, "a cat\n", "gone.png\n"), 2,
          "no prompt has a usable image"),
     Case("image-file-empty", lambda e: i2v_batch(e, "a cat\n", "# nothing\n\n"), 2, "lists no image"),
+    # text-image-to-video: the image optional, its own sizes, one DiT (no LoRA)
+    Case("ti2v-size-not-for-the-task", lambda e: ti2v(e, "--size", "832*480"), 2, "not supported by ti2v-tiny", True),
+    Case("ti2v-5b-reference-default-size", lambda e: ["--task", "ti2v-5B", "--size", "1280*720", "--ckpt_dir",
+                                                      str(e.tmp)], 2, "one of 704*1280, 1280*704", True),
+    Case("ti2v-lora", lambda e: ti2v(e, "--lora_high", _write(e, "h.safetensors", b"x")), 2, "has one DiT", True),
+    Case("ti2v-distilled", lambda e: ti2v(e, "--distilled"), 2, "--distilled: ti2v-tiny has one DiT"),
+    Case("ti2v-image-missing", lambda e: ti2v(e, image=e.tmp / "gone.png"), 2, "--image"),
+    Case("ti2v-text-named-png", lambda e: ti2v(e, image=_write(e, "p.png", "text")), 2, "is not an image Pillow"),
+    Case("ti2v-image-1x1", lambda e: ti2v(e, image=_png(e, "dot.png", 1, 1)), 2, "too small to start a video"),
+    Case("ti2v-extreme-aspect", lambda e: ti2v(e, image=_png(e, "strip.png", 4000, 16)), 2, "crop the image"),
+    Case("ti2v-frames-not-4n+1", lambda e: ti2v(e, "--frame_num", "8"), 2, "--frame_num must be 4n+1"),
+    Case("ti2v-with-a-t2v-checkpoint", lambda e: ti2v(e)[:2] + ["--ckpt_dir", str(e.ckpt)] + ti2v(e)[4:], 1,
+         "Wan2.2_VAE.pth (the VAE; part of the official Wan2.2-TI2V-5B download)"),
     # the tiny model's --ckpt_dir
     Case("tiny-ckpt-is-file", lambda e: std(e, ckpt=_write(e, "ck", b"x")), 2, "is a file", True, keep={"ck": b"x"}),
     Case("tiny-ckpt-foreign", lambda e: std(e, ckpt=_write(e, "mine/notes.txt", b"n").parent), 2,
@@ -344,6 +364,7 @@ def no_loading(monkeypatch):
     import wan.image2video as i2v_module
     import wan.testing.tiny as tiny
     import wan.text2video as t2v
+    import wan.textimage2video as ti2v_module
 
     class NoPipeline:
         def __init__(self, *a, **k):
@@ -358,6 +379,7 @@ def no_loading(monkeypatch):
 
     monkeypatch.setattr(t2v, "WanT2V", NoPipeline)
     monkeypatch.setattr(i2v_module, "WanI2V", NoPipeline)
+    monkeypatch.setattr(ti2v_module, "WanTI2V", NoPipeline)
     monkeypatch.setattr(tiny, "ensure_tiny_checkpoint", ensure)
 
 

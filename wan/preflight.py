@@ -100,12 +100,13 @@ def read_safetensors_header(path) -> dict:
     return header
 
 
-def check_torch_file(path, what: str) -> None:
+def check_torch_file(path, what: str, download: str = "Wan2.2-T2V-A14B") -> None:
     """A torch.save file: exists, non-empty, a readable zip whose pickle loads with weights_only=True (tensor data
-    memory-mapped, not read) and holds a dict of tensors. A legacy (pre-zip) file is checked by its magic only."""
+    memory-mapped, not read) and holds a dict of tensors. A legacy (pre-zip) file is checked by its magic only.
+    `download`: the official checkpoint the file ships with (named when it is missing)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"missing {path} ({what}; part of the official Wan2.2-T2V-A14B download); "
+        raise FileNotFoundError(f"missing {path} ({what}; part of the official {download} download); "
                                 f"{DOWNLOAD_HINT}")
     size = path.stat().st_size
     if size == 0:
@@ -218,9 +219,10 @@ def check_checkpoint(config, ckpt_dir) -> None:
         raise CheckpointError(f"{ckpt} is a Diffusers-format checkpoint (model_index.json); point --ckpt_dir at the "
                               f"original Wan2.2-T2V-A14B layout instead; {DOWNLOAD_HINT}")
     t5 = ckpt / config.t5_checkpoint
-    check_torch_file(t5, "the T5 text encoder")
+    source = getattr(config, "checkpoint_name", "Wan2.2-T2V-A14B")
+    check_torch_file(t5, "the T5 text encoder", source)
     check_tokenizer_dir(ckpt / config.t5_tokenizer)
-    check_torch_file(ckpt / config.vae_checkpoint, "the VAE")
+    check_torch_file(ckpt / config.vae_checkpoint, "the VAE", source)
     for sub in config.experts.values():  # "" (TI2V-5B): the DiT at the folder root
         check_expert_dir(ckpt / sub, getattr(config, "arch", None))
 
