@@ -1,6 +1,7 @@
-"""The text-image-to-video command line (--task ti2v-5B / ti2v-tiny): the image optional, --image / --image_file plumbing
-into WanTI2V.generate (a stand-in pipeline) with the reference's arguments, the task's sizes and defaults, the video
-size logged before loading, and the tiny task end to end (24 fps). Refusals are rows of test_bad_inputs.py."""
+"""The text-image-to-video command line (--task ti2v-5B / ti2v-tiny): the image optional, --image / --image_file
+plumbing into WanTI2V.generate (a stand-in pipeline) with the reference's arguments, the task's sizes and defaults,
+the video size logged before loading, and the tiny task end to end (24 fps). Refusals are rows of
+test_bad_inputs.py."""
 import sys
 from pathlib import Path
 
