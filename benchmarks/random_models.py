@@ -14,7 +14,8 @@ from wan.configs.model_config import A14B, A14B_I2V, TI2V_5B, TINY, TINY_I2V, TI
 from wan.modules.model import WanModel
 from wan.testing.random_init import materialize_random_
 
-RESOLUTIONS = {"480p": (832, 480), "720p": (1280, 720), "tiny": (64, 64)}
+# "256": full-size models at 256x256 (CPU-sized checks of the full-size VAEs, e.g. the bf16 decode's error)
+RESOLUTIONS = {"480p": (832, 480), "720p": (1280, 720), "tiny": (64, 64), "256": (256, 256)}
 # --task of the benchmarks: text-to-video, image-to-video (36-channel experts, condition y), or TI2V-5B (one 48-channel
 # model on the Wan 2.2 VAE; its 720p is 1280x704, its frames 121)
 TASKS = ("t2v", "i2v", "ti2v")

@@ -212,12 +212,9 @@ def profile_forward(pipe, noise, run: dict, path):
     return path
 
 
-def run_stages(args):
-    """T5 encode (and its CPU<->GPU moves), VAE decode, expert transfers in bf16 and fp32."""
-    device = torch.device(args.device)
-    tiny = args.res == "tiny"
-    out = dict(kind="stages", res=args.res, task=args.task, size=size_for(args.res, args.task),
-               frame_num=args.frame_num)
+def t5_stages(device, tiny: bool) -> dict:
+    """T5: two prompts encoded on the device, and its moves down to the host and back up."""
+    out = {}
     t5 = random_t5(device, tiny)
     t5.model.to(device)
     prompt = "Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted stage."
@@ -236,7 +233,17 @@ def run_stages(args):
     t5.model.to(device)
     sync(device)
     out["t5_to_gpu_s"] = time.perf_counter() - t0
-    del t5
+    return out
+
+
+def run_stages(args):
+    """T5 encode (and its CPU<->GPU moves), VAE decode, expert transfers in bf16 and fp32 (--vae_only: the VAE)."""
+    device = torch.device(args.device)
+    tiny = args.res == "tiny"
+    out = dict(kind="stages", res=args.res, task=args.task, size=size_for(args.res, args.task),
+               frame_num=args.frame_num)
+    if not args.vae_only:
+        out.update(t5_stages(device, tiny))
     lat, _ = geometry(args.res, args.frame_num, args.task)
     z = torch.randn(*lat, device=device, generator=torch.Generator(device=device).manual_seed(3))
     out["vae"], videos, latents = {}, {}, {}
@@ -538,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", default=None, help="compare with a file written by --save")
     p.add_argument("--profile", default=None, help="write a profiler summary of one forward here (row)")
     p.add_argument("--transfers", action="store_true", help="also time expert CPU<->GPU moves (stages)")
+    p.add_argument("--vae_only", action="store_true", help="stages: the VAE only (no T5)")
     p.add_argument("--vae_dtypes", default="fp32", help="stages: VAE decode dtypes, e.g. fp32,bf16")
     p.add_argument("--cli_plan", action="store_true",
                    help="full: as generate.py --fast on one GPU: plan for the card's free memory before building")

@@ -247,7 +247,8 @@ class WanPipeline:
         for expert, model in self.models.items():
             if id(model) not in done:
                 done[id(model)] = convert_linears_to_fp8_(model, self.options.fp8_linear, kernel, self.device)
-                log.info("fp8 %s-noise expert: %s", expert, done[id(model)].describe())
+                log.info("fp8 %s: %s", "model" if expert == "model" else f"{expert}-noise expert",
+                         done[id(model)].describe())
             self.fp8[expert] = done[id(model)]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
