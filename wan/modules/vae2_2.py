@@ -53,13 +53,19 @@ def build_wan22_vae(base_dim: int = 160, decoder_base_dim: int = 256, z_dim: int
 
 
 class Wan2_2_VAE(Wan2_1_VAE):
-    """The reference's Wan2_2_VAE on diffusers (see the module docstring). `c_dim` is the reference's argument; the
-    checkpoint's own widths are used (and must be the official 160 / 256 for the official file)."""
+    """The reference's Wan2_2_VAE on diffusers (see the module docstring), with its arguments. `c_dim` is the
+    reference's; the checkpoint's own widths are used (the official file's are 160 / 256). `dim_mult` and
+    `temperal_downsample` must be the official ones (the only architecture diffusers' class builds here)."""
 
     NAME, MEAN, STD = "Wan 2.2", WAN22_VAE_MEAN, WAN22_VAE_STD
     HINT = "Wan2.2_VAE.pth ships with the official Wan2.2-TI2V-5B download"
 
-    def __init__(self, z_dim=48, c_dim=160, vae_pth=None, dtype=torch.float, device="cuda", decode_bands: int = 0):
+    def __init__(self, z_dim=48, c_dim=160, vae_pth=None, dim_mult=(1, 2, 4, 4),
+                 temperal_downsample=(False, True, True), dtype=torch.float, device="cuda", decode_bands: int = 0):
+        if list(dim_mult) != VAE22_ARCH["dim_mult"] or list(temperal_downsample) != VAE22_ARCH["temperal_downsample"]:
+            raise ValueError(f"Wan2_2_VAE builds the official architecture (dim_mult {VAE22_ARCH['dim_mult']}, "
+                             f"temperal_downsample {VAE22_ARCH['temperal_downsample']}), got {list(dim_mult)}, "
+                             f"{list(temperal_downsample)}")
         self.c_dim = c_dim
         super().__init__(z_dim=z_dim, vae_pth=vae_pth, dtype=dtype, device=device, decode_bands=decode_bands)
 
