@@ -1,7 +1,9 @@
 """Command line: python generate.py --task t2v-A14B --ckpt_dir ./Wan2.2-T2V-A14B --prompt "..." [--fast]
               python generate.py --task i2v-A14B --ckpt_dir ./Wan2.2-I2V-A14B --image first.jpg --prompt "..."
+              python generate.py --task ti2v-5B --ckpt_dir ./Wan2.2-TI2V-5B [--image first.jpg] --prompt "..."
 
-Also: --task t2v-tiny / i2v-tiny (built-in random models, run on a CPU in under a minute; their videos are noise),
+Also: --task t2v-tiny / i2v-tiny / ti2v-tiny (built-in random models, run on a CPU in under a minute; their videos
+are noise),
 and batch mode (--prompt_file FILE [--image_file FILE] --save_dir DIR: the models load once, one video per prompt).
 
 Exit codes: 0 done; 1 a run-time error (a bad checkpoint file, a failed write, some batch prompts failed);
@@ -187,7 +189,7 @@ def _run(argv, state: RunState) -> int:
             log.info("%svideo %dx%d, %d frames, from %s", f"line {prompt.lineno}: " if prompt.lineno else "",
                      *prompt.video_size, args.frame_num, prompt.image)
     tiny, weights = not cfg.needs_ckpt_dir, None
-    if tiny and args.ckpt_dir is None and args.weight_paths.complete():  # every component given: nothing to write
+    if tiny and args.ckpt_dir is None and args.weight_paths.complete(cfg):  # every component given: nothing to write
         weights = resolve_weights(cfg, None, args.weight_paths)
     elif tiny:
         from wan.testing.tiny import MARKER, default_tiny_dir
@@ -209,6 +211,7 @@ def _run(argv, state: RunState) -> int:
     from wan.distributed.setup import init_distributed
     from wan.image2video import WanI2V
     from wan.text2video import WanT2V
+    from wan.textimage2video import WanTI2V
 
     if args.fast:
         log.info("--fast turned on: %s", ", ".join(f"{k}={v}" for k, v in args.options.changed().items()))
@@ -226,7 +229,7 @@ def _run(argv, state: RunState) -> int:
                  args.size, args.frame_num, args.sample_steps, args.sample_shift, args.sample_solver,
                  dist.world_size, args.options.changed() or "original path")
         t_load = time.perf_counter()
-        pipeline = WanI2V if cfg.takes_image else WanT2V
+        pipeline = {"t2v": WanT2V, "i2v": WanI2V, "ti2v": WanTI2V}[cfg.arch.model_type]
         pipe = pipeline(cfg, None, device_id=dist.local_rank, rank=dist.rank, device=dist.device, weights=weights,
                         options=args.options, lora_high=args.lora_high, lora_low=args.lora_low,
                         lora_strength=args.lora_strength, plan_for=(*plan_size(args), args.frame_num))

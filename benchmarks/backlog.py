@@ -122,6 +122,15 @@ def _cache_cost_key(r: dict) -> str:
             f"{mag['projected_dit_ratio']:.3f}x")
 
 
+def _vae_key(r: dict) -> str:
+    vae = r["vae"]
+    parts = [f"{k} {v['decode_s']:.1f} s / {v['peak_gb']:.1f} GB" + (f" (max abs {v['max_abs_vs_fp32']:.1e})" if
+             "max_abs_vs_fp32" in v else "") + (f", banded {v['banded']['decode_s']:.1f} s / "
+                                                f"{v['banded']['peak_gb']:.1f} GB" if "banded" in v else "")
+             for k, v in vae.items()]
+    return "; ".join(parts)
+
+
 def _bench(module: str, *args: str, deadline: bool = True) -> tuple[str, ...]:
     return ("python", "-m", f"benchmarks.{module}", *args, *(("--deadline", DEADLINE, "--out", OUT) if deadline
                                                                else ()))
@@ -145,17 +154,19 @@ def _cache_ab(options: str, cache: str) -> tuple[str, ...]:
 GPU_TEST_FILES = ("tests/test_gpu.py", "tests/test_gpu_fp8.py", "tests/test_gpu_load.py", "tests/test_gpu_vae.py",
                   "tests/test_qk_rope.py")
 
-# Priority order (issue 18, then issue 19's I2V rows). Estimates: measured on an H100 at a34a1b2 where a row ran
-# there (benchmarks/results/backlog/), else the committed H200 results plus about 15%, each rounded up: process
-# start, random full-size experts built on the GPU (and pinned on the host when streamed), compile, the timed part.
+# Priority order (issue 18, then issue 19's I2V rows, then issue 21's TI2V rows). Estimates: measured on an H100 at
+# a34a1b2 where a row ran there (benchmarks/results/backlog/), else the committed H200 results plus about 15%, each
+# rounded up: process start, random full-size experts built on the GPU (and pinned on the host when streamed),
+# compile, the timed part.
 ROWS: tuple[Row, ...] = (
     Row("whole_720p_24gb", _bench("memory_tiers", "--res", "720p", "--whole_run", "24", "--only_whole_run"), 240,
         "the whole 720p --fast run under a 24 GB cap (T5 streamed by layers, 4 Euler steps with CFG over both "
         "experts, banded VAE decode): target at most 22 GB reserved", key=_whole_run_key),
     Row("gpu_tier", ("python", "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *GPU_TEST_FILES), 300,
         "the GPU test tier (tests marked gpu): band-order VAE at 720p bf16 (6 GB target), the fused q/k kernel, FFN "
-        "chunks, copy/compute overlap, fp8 kernels, build and load peaks, the I2V encode (streamed T5 is measured by "
-        "the whole-run rows)", env=(("WAN_GPU_REPORT", OUT),), key=_pytest_key),
+        "chunks, copy/compute overlap, fp8 kernels, build and load peaks, the I2V encode, step caching, the tiny "
+        "TI2V pipeline and the Wan 2.2 VAE (streamed T5 is measured by the whole-run rows)",
+        env=(("WAN_GPU_REPORT", OUT),), key=_pytest_key),
     Row("stream_480p_16gb", _bench("memory_tiers", "--res", "480p", "--caps", "16", "--ffn_chunks", "4"), 330,
         "480p resident, then block-streamed under a 16 GB cap without and with the FFN in 4 token chunks: target at "
         "most 1.15x resident", key=_tiers_key),
@@ -214,6 +225,33 @@ ROWS: tuple[Row, ...] = (
     Row("cache_480p_magcache_fp8", _cache_ab(_FAST_FP8, "magcache"), 480,
         "the 480p A/B of --cache magcache on top of the fp8 tier (fp8 linears and fp8 attention in both videos)",
         key=_cache_ab_key),
+    # issue 21 (TI2V-5B): estimates from the A14B rows scaled by the model (5B, 27,280 tokens at 1280x704 x 121) and
+    # the Wan 2.2 VAE's counted decode work (1006 TMAC at 720p x 121, about 3x the 2.1 decode's); none measured yet
+    Row("ti2v_waterfall_720p", _bench("waterfall", "--task", "ti2v", "--res", "720p", "--rows", "0,1,8", "--steps",
+                                      "3"), 330,
+        "TI2V-5B 720p (1280x704, 121 frames, image mode): the original path (fp32 weights, as the reference on an "
+        "80 GB card), bf16 weights, and --fast per forward: target --fast at least 1.4x the original path",
+        key=_waterfall_key),
+    Row("ti2v_vae_720p", _bench("rows", "stages", "--task", "ti2v", "--res", "720p", "--vae_dtypes", "fp32,bf16",
+                                "--vae_bands", "4", deadline=False), 300,
+        "TI2V-5B: the Wan 2.2 VAE decode of 1280x704 x 121 in fp32 and bf16 (its error against fp32), whole and in "
+        "4 bands (peak, time, difference), and the one-frame image encode", key=_vae_key),
+    Row("ti2v_full_720p", _bench("rows", "--task", "ti2v", "--res", "720p", "full", "--cli_plan", "--options", _FAST,
+                                 "--sampling_steps", "50", "--shift", "5", "--guide", "5", "5", "--repeat", "0",
+                                 deadline=False), 360,
+        "TI2V-5B 720p: a whole 50-step --fast video (image mode: T5, the image's encode, 50 steps with CFG, fp32 "
+        "decode) on the plan generate.py picks for the card's free memory, end to end", key=_full_key),
+    Row("ti2v_tiers_720p", _bench("memory_tiers", "--task", "ti2v", "--res", "720p", "--caps", "16,24"), 420,
+        "TI2V-5B 720p per forward: resident --fast, then block-streamed under 24 and 16 GB caps: targets at most "
+        "1.05x / 1.15x the resident time", key=_tiers_key),
+    Row("ti2v_whole_720p_24gb", _bench("memory_tiers", "--task", "ti2v", "--res", "720p", "--whole_run", "24",
+                                       "--only_whole_run"), 240,
+        "TI2V-5B: the whole 720p --fast run under a 24 GB cap (the memory plan's choice: planned resident, VAE in 4 "
+        "bands, 22.5 GB): target at most 22 GB reserved", key=_whole_run_key),
+    Row("ti2v_whole_720p_16gb", _bench("memory_tiers", "--task", "ti2v", "--res", "720p", "--whole_run", "16",
+                                       "--only_whole_run"), 240,
+        "TI2V-5B: the whole 720p --fast run under a 16 GB cap (planned block-streamed, VAE in 4 bands, 10.0 GB): "
+        "its peak", key=_whole_run_key),
 )
 
 

@@ -39,7 +39,8 @@ DISTILLED = dict(solver="euler", sampling_steps=4, shift=5.0, guide=(1.0, 1.0))
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--res", default="720p", choices=["480p", "720p", "tiny"])
-    p.add_argument("--task", default="t2v", choices=TASKS, help="t2v, or i2v (the image-to-video pipeline)")
+    p.add_argument("--task", default="t2v", choices=[t for t in TASKS if t != "ti2v"],
+                   help="t2v, or i2v (the image-to-video pipeline); ti2v has no few-step LoRA")
     p.add_argument("--frame_num", type=int, default=81)
     p.add_argument("--steps", type=int, default=3, help="timed steps of the 40-step row")
     p.add_argument("--repeat", type=int, default=2, help="steady few-step videos after the first")

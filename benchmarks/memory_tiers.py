@@ -7,6 +7,7 @@ Rows time 3+ real denoising steps (CFG, batch-2) and report the peak allocated /
 streamed rows then profile one more step for the copy/compute overlap (benchmarks/overlap.py).
 `--whole_run GB` adds one whole generation through the product path `--fast --max_gpu_memory GB` (the memory plan
 picks placement and VAE bands; T5 + 4 Euler steps with CFG over both experts + VAE decode) and its peak memory.
+`--task ti2v`: TI2V-5B in its image mode at 1280x704 and 121 frames (one model; the whole run encodes the image).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import json
 import sys
 import time
 
+from benchmarks.random_models import TASKS
 from benchmarks.waterfall import environment, finish, run_child
 from wan.options import FAST_PRESET, fast_options
 
@@ -22,7 +24,8 @@ from wan.options import FAST_PRESET, fast_options
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--res", default="480p", choices=["480p", "720p", "tiny"])
-    p.add_argument("--frame_num", type=int, default=81)
+    p.add_argument("--frame_num", type=int, default=None, help="frames (default: 81; 121 for ti2v)")
+    p.add_argument("--task", default="t2v", choices=TASKS, help="t2v, i2v or ti2v (TI2V-5B)")
     p.add_argument("--caps", default="16,24", help="comma-separated GB caps for the streamed rows")
     p.add_argument("--slots", type=int, default=2, help="stream_blocks of the streamed rows")
     p.add_argument("--steps", type=int, default=3)
@@ -41,10 +44,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.only_whole_run and not args.whole_run:
         p.error("--only_whole_run needs --whole_run GB")
+    if args.frame_num is None:
+        args.frame_num = 121 if args.task == "ti2v" else 81
     t0 = time.perf_counter()
     # one expert serves both noise levels: the timed steps run one expert anyway, and building and pinning a second
     # 28.6 GB expert would only cost minutes of the call
-    common = ["--res", args.res, "--frame_num", str(args.frame_num), "row", "--steps", str(args.steps),
+    task = ["--task", args.task] if args.task != "t2v" else []
+    common = ["--res", args.res, "--frame_num", str(args.frame_num), *task, "row", "--steps", str(args.steps),
               "--experts", "1"]
     rows = [("resident (--fast)", dict(FAST_PRESET), 0.0)]
     rows += [(f"block-streamed, {args.slots} slots, {cap} GB cap", {**FAST_PRESET, "stream_blocks": args.slots},
@@ -56,6 +62,8 @@ def main(argv=None) -> int:
     if args.only_whole_run:
         rows = []
     record = {"env": environment(), "res": args.res, "frame_num": args.frame_num, "rows": []}
+    if args.task != "t2v":
+        record["task"] = args.task
     for label, opts, cap in rows:
         left = args.deadline - (time.perf_counter() - t0)
         overlap = ["--overlap"] if opts.get("stream_blocks") else []
@@ -69,9 +77,10 @@ def main(argv=None) -> int:
     if args.whole_run:
         left = args.deadline - (time.perf_counter() - t0)
         opts = fast_options(max_gpu_memory=args.whole_run).changed()  # as `--fast --max_gpu_memory GB`
-        run = run_child(["--res", args.res, "--frame_num", str(args.frame_num), "full", "--options", json.dumps(opts),
-                         "--sampling_steps", "4", "--solver", "euler", "--shift", "5", "--guide", "3", "4",
-                         "--repeat", "0"], left) if left > 60 else {"error": "skipped: out of time"}
+        guide = ["5", "5"] if args.task == "ti2v" else ["3", "4"]
+        run = run_child(["--res", args.res, "--frame_num", str(args.frame_num), *task, "full", "--options",
+                         json.dumps(opts), "--sampling_steps", "4", "--solver", "euler", "--shift", "5", "--guide",
+                         *guide, "--repeat", "0"], left) if left > 60 else {"error": "skipped: out of time"}
         run.update(budget_gb=args.whole_run, requested=opts)
         record["whole_run"] = run
         print(f"[{time.perf_counter() - t0:5.0f} s] whole run under {args.whole_run:g} GB: " + (run.get("error") or
@@ -90,7 +99,8 @@ def _overlap_note(ov: dict | None) -> str:
 
 def markdown(record: dict) -> str:
     env = record["env"]
-    lines = [f"### {env.get('gpu', 'cpu')}, {record['res']}, {record['frame_num']} frames, torch {env['torch']}, "
+    task = f"{record['task']}, " if record.get("task") else ""
+    lines = [f"### {env.get('gpu', 'cpu')}, {task}{record['res']}, {record['frame_num']} frames, torch {env['torch']}, "
              f"commit {env['git_commit']}"]
     if record["rows"]:  # none with --only_whole_run
         lines += ["| row | s / forward (step median, min, max, n) | x resident | peak GB allocated / reserved | "

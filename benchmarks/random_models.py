@@ -10,16 +10,33 @@ from pathlib import Path
 
 import torch
 
-from wan.configs.model_config import A14B, A14B_I2V, TINY, TINY_I2V
+from wan.configs.model_config import A14B, A14B_I2V, TI2V_5B, TINY, TINY_I2V, TINY_TI2V
 from wan.modules.model import WanModel
 from wan.testing.random_init import materialize_random_
 
-RESOLUTIONS = {"480p": (832, 480), "720p": (1280, 720), "tiny": (64, 64)}
-TASKS = ("t2v", "i2v")  # --task of the benchmarks: text-to-video, or image-to-video (36-channel experts, condition y)
+# "256": full-size models at 256x256 (CPU-sized checks of the full-size VAEs, e.g. the bf16 decode's error)
+RESOLUTIONS = {"480p": (832, 480), "720p": (1280, 720), "tiny": (64, 64), "256": (256, 256)}
+# --task of the benchmarks: text-to-video, image-to-video (36-channel experts, condition y), or TI2V-5B (one 48-channel
+# model on the Wan 2.2 VAE; its 720p is 1280x704, its frames 121)
+TASKS = ("t2v", "i2v", "ti2v")
+TI2V_RESOLUTIONS = {**RESOLUTIONS, "720p": (1280, 704)}
 
 
 def arch_for(task: str = "t2v", tiny: bool = False):
-    return {("t2v", False): A14B, ("t2v", True): TINY, ("i2v", False): A14B_I2V, ("i2v", True): TINY_I2V}[task, tiny]
+    return {("t2v", False): A14B, ("t2v", True): TINY, ("i2v", False): A14B_I2V, ("i2v", True): TINY_I2V,
+            ("ti2v", False): TI2V_5B, ("ti2v", True): TINY_TI2V}[task, tiny]
+
+
+def size_for(res: str, task: str = "t2v") -> tuple[int, int]:
+    """(width, height) of a --res for a task: TI2V-5B's 720p is 1280x704 (its sizes are multiples of 32)."""
+    return (TI2V_RESOLUTIONS if task == "ti2v" else RESOLUTIONS)[res]
+
+
+def task_config(task: str, tiny: bool = False):
+    """The TaskConfig of a benchmark --task: t2v-A14B, i2v-A14B, ti2v-5B, or their tiny siblings."""
+    from wan.configs import WAN_CONFIGS
+
+    return WAN_CONFIGS[f"{task}-tiny" if tiny else {"ti2v": "ti2v-5B"}.get(task, f"{task}-A14B")]
 
 
 @torch.no_grad()
@@ -61,34 +78,47 @@ def random_t5(device, tiny: bool = False):
     return enc
 
 
-def random_vae(device, tiny: bool = False, dtype: torch.dtype = torch.float32):
-    """The Wan 2.1 VAE (base_dim 96; 8 when tiny) with seeded random weights, through the real loader."""
-    from wan.modules.vae import Wan2_1_VAE
-    from wan.testing.tiny_vae import write_tiny_vae_checkpoint
+def random_vae(device, tiny: bool = False, dtype: torch.dtype = torch.float32, version: str = "2.1"):
+    """The Wan 2.1 VAE (base_dim 96; 8 when tiny), or with version "2.2" the Wan 2.2 VAE (dims 160 / 256; 8 / 16 when
+    tiny), with seeded random weights written in the original layout and read through the real loader."""
+    from wan.modules.vae2_2 import VAE_CLASSES
 
-    path = Path(tempfile.mkdtemp()) / "Wan2.1_VAE.pth"
-    write_tiny_vae_checkpoint(str(path), seed=5, base_dim=8 if tiny else 96)
-    return Wan2_1_VAE(vae_pth=str(path), dtype=dtype, device=device)
+    path = Path(tempfile.mkdtemp()) / f"Wan{version}_VAE.pth"
+    if version == "2.2":
+        from wan.testing.tiny_vae22 import write_tiny_vae22_checkpoint
+
+        write_tiny_vae22_checkpoint(str(path), seed=5, base_dim=8 if tiny else 160,
+                                    decoder_base_dim=16 if tiny else 256)
+    else:
+        from wan.testing.tiny_vae import write_tiny_vae_checkpoint
+
+        write_tiny_vae_checkpoint(str(path), seed=5, base_dim=8 if tiny else 96)
+    try:
+        return VAE_CLASSES[version](vae_pth=str(path), dtype=dtype, device=device)
+    finally:
+        path.unlink()  # loaded (the full-size 2.2 file is 2.8 GB)
 
 
 def random_pipeline(options, device, tiny: bool = False, n_experts: int = 2, with_text: bool = True,
                     task: str = "t2v", **kw):
-    """WanT2V (task t2v) or WanI2V (task i2v) over random models. n_experts=1 shares one expert for both noise
-    levels (for per-forward timing). `kw`: the pipeline's lora_high=, lora_low=, lora_dir=, lora_strength= (merged
-    into the experts as the real loader would) and plan_for=(width, height, frames) for options.max_gpu_memory."""
-    from wan.configs import WAN_CONFIGS
+    """WanT2V (task t2v), WanI2V (i2v) or WanTI2V (ti2v: one model) over random models. n_experts=1 shares one
+    expert for both noise levels (for per-forward timing). `kw`: the pipeline's lora_high=, lora_low=, lora_dir=,
+    lora_strength= (merged into the experts as the real loader would) and plan_for=(width, height, frames) for
+    options.max_gpu_memory."""
     from wan.image2video import WanI2V
     from wan.modules.vae import VAE_DTYPES
     from wan.text2video import WanT2V
+    from wan.textimage2video import WanTI2V
 
+    cfg = task_config(task, tiny)
     dtype = torch.bfloat16 if options.convert_model_dtype and torch.device(device).type == "cuda" else torch.float32
     high = random_expert(device, dtype, seed=0, tiny=tiny, task=task)
-    low = high if n_experts == 1 else random_expert(device, dtype, seed=1, tiny=tiny, task=task)
+    low = high if n_experts == 1 or cfg.boundary is None else random_expert(device, dtype, seed=1, tiny=tiny, task=task)
     comps = dict(text_encoder=random_t5(device, tiny) if with_text else None,
-                 vae=random_vae(device, tiny, VAE_DTYPES[options.vae_dtype]) if with_text else None,
-                 low_noise_model=low, high_noise_model=high)
-    cfg = WAN_CONFIGS[f"{task}-tiny" if tiny else f"{task}-A14B"]
-    return (WanI2V if task == "i2v" else WanT2V)(cfg, None, device=device, options=options, components=comps, **kw)
+                 vae=random_vae(device, tiny, VAE_DTYPES[options.vae_dtype], cfg.vae_version) if with_text else None,
+                 low_noise_model=low, high_noise_model=high, model=high)
+    pipeline = {"t2v": WanT2V, "i2v": WanI2V, "ti2v": WanTI2V}[task]
+    return pipeline(cfg, None, device=device, options=options, components=comps, **kw)
 
 
 def random_image(width: int, height: int, seed: int = 0):

@@ -12,6 +12,9 @@ row --cache_cost magcache,easycache: also the seconds of a step whose DiT calls 
         through the real loop, and (MagCache) the 40-step DiT time projected from them and the schedule.
 --task i2v: the same with the image-to-video pipeline (WanI2V: 36-channel experts, the condition y with every
 forward) at the same token count (the first frame is a 16:9 picture of the --res size).
+--task ti2v: TI2V-5B (WanTI2V: one 48-channel model, the Wan 2.2 VAE; its 720p is 1280x704, --frame_num defaults to
+121). Rows run its image mode (the first latent frame fixed, per-token timesteps; --ti2v_mode text: without), stages
+add the one-frame encode and, with --vae_bands N, the banded decode.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import torch
 from benchmarks.emulate import ENV as EMULATE_ENV
 from benchmarks.emulate import emulate_card
 from benchmarks.random_models import (RESOLUTIONS, TASKS, random_expert, random_image, random_pipeline, random_t5,
-                                      random_vae)
+                                      random_vae, size_for, task_config)
 from wan.memory_plan import bound_allocator
 from wan.modules.vae import VAE_DTYPES
 from wan.options import RuntimeOptions
@@ -62,19 +65,31 @@ def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def geometry(res: str, frame_num: int = 81):
-    w, h = RESOLUTIONS[res]
-    lat = (16, (frame_num - 1) // 4 + 1, h // 8, w // 8)
+def geometry(res: str, frame_num: int = 81, task: str = "t2v"):
+    """(latent shape [C, F', h, w], tokens) of a --res: 16 channels at 1/8 (A14B), 48 at 1/16 (ti2v)."""
+    w, h = size_for(res, task)
+    z, s = (48, 16) if task == "ti2v" else (16, 8)
+    lat = (z, (frame_num - 1) // 4 + 1, h // s, w // s)
     return lat, lat[1] * lat[2] * lat[3] // 4
 
 
-def inputs(res, device, frame_num=81):
-    lat, seq_len = geometry(res, frame_num)
+def inputs(res, device, frame_num=81, task: str = "t2v"):
+    lat, seq_len = geometry(res, frame_num, task)
     g = torch.Generator(device=device).manual_seed(42)
     noise = torch.randn(*lat, device=device, generator=g)
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     ctx = [torch.randn(n, 4096, device=device, generator=g).to(dtype) for n in CTX_LENS]
     return noise, [ctx[0]], [ctx[1]], seq_len
+
+
+def first_frame_constraint(res, device, frame_num: int, seq_len: int):
+    """TI2V image mode: a FirstFrameLatent with a seeded N(0, 1) stand-in for the image's latent (the DiT's cost does
+    not depend on its values; every row of a run gets the same one)."""
+    from wan.latent_constraint import FirstFrameLatent
+
+    shape, _ = geometry(res, frame_num, "ti2v")
+    z = torch.randn(shape[0], 1, *shape[2:], device=device, generator=torch.Generator(device=device).manual_seed(43))
+    return FirstFrameLatent(z, shape, seq_len)
 
 
 def condition(res, device, frame_num=81) -> torch.Tensor:
@@ -111,13 +126,15 @@ def run_row(args):
     allocator = "default"
     if args.memory_cap_gb and device.type == "cuda":  # emulate a smaller card from here on (weights are placed)
         allocator = bound_allocator(device, args.memory_cap_gb)  # what --max_gpu_memory does in the product
-    noise, ctx, ctx_null, seq_len = inputs(args.res, device, args.frame_num)
+    noise, ctx, ctx_null, seq_len = inputs(args.res, device, args.frame_num, args.task)
     seq_len = -(-seq_len // pipe.sp_size) * pipe.sp_size  # a multiple of the Ulysses degree, as generate() does
     guide = (1.0, 1.0) if args.guidance_one else (3.0, 4.0)
     run = dict(context=ctx, context_null=ctx_null, seq_len=seq_len, sample_solver="unipc", sampling_steps=40,
                shift=12.0, guide=guide)
     if args.task == "i2v":  # the condition joins every forward (the same 40-step schedule: the cost per forward)
         run["y"] = condition(args.res, device, args.frame_num)
+    if args.task == "ti2v" and args.ti2v_mode == "image":  # frame 0 fixed, per-token timesteps (0 on its tokens)
+        run["constraint"] = first_frame_constraint(args.res, device, args.frame_num, seq_len)
     t0 = time.perf_counter()
     pipe.sample(noise, max_steps=1, **run)  # warm-up at the real shape
     sync(device)
@@ -138,7 +155,8 @@ def run_row(args):
     per_step = statistics.median(step_s)
     forwards = 1 if args.guidance_one else 2
     model = pipe.high_noise_model
-    result = dict(kind="row", res=args.res, task=args.task, options=pipe.options.changed(), steps_timed=len(step_s),
+    result = dict(kind="row", res=args.res, task=args.task, size=size_for(args.res, args.task),
+                  frame_num=args.frame_num, options=pipe.options.changed(), steps_timed=len(step_s),
                   step_s=step_s, step_spread=spread(step_s), per_step_s=per_step, per_forward_s=per_step / forwards,
                   forwards_per_step=forwards, seq_len=seq_len,
                   tflops=model.estimate_flops(seq_len) / (per_step / forwards) / 1e12, **peak_gb(device),
@@ -148,6 +166,8 @@ def run_row(args):
                   allocator=allocator, experts_built=experts,
                   placement=pipe.placement.describe(),
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    if args.task == "ti2v":
+        result["ti2v_mode"] = args.ti2v_mode
     if args.save:
         torch.save({"latent": latent.float().cpu(), "pred": preds[0].float().cpu()}, args.save)
     if args.ref:
@@ -175,19 +195,22 @@ def cache_cost(pipe, noise, run: dict, method: str, per_step: float) -> dict:
     the row's measured computed step (`per_step`) and the measured reused step."""
     from dataclasses import replace
 
-    from wan.guidance import choose_guidance
-    from wan.step_cache import EasyCache, MagCache, load_ratios, magcache_schedule, resolve
-    from wan.utils.schedulers import build_scheduler, expert_for_timestep
+    from wan.step_cache import MAGCACHE, EasyCache, MagCache, load_ratios, magcache_schedule, resolve
+    from wan.utils.schedulers import build_scheduler
 
     if method not in ("magcache", "easycache"):
         raise SystemExit(f"error: --cache_cost takes magcache and / or easycache, got {method!r}")
     device = noise.device
     opts = pipe.call_options
-    settings = resolve(replace(opts, cache=method), pipe.config.takes_image)
+    kind = pipe.config.arch.model_type
+    # a task without a published ratio curve (ti2v): the reused step is still measured (a forced schedule), the
+    # 40-step projection is left out (it would need that model's calibrated curve)
+    no_curve = method == "magcache" and not MAGCACHE[kind].ratios and opts.cache_ratios is None
+    settings = resolve(replace(opts, cache=method, cache_ratios=opts.cache_ratios or ("-" if no_curve else None)),
+                       kind)
     _, timesteps = build_scheduler(run["sample_solver"], run["sampling_steps"], run["shift"], device, 1000)
-    trace = [expert_for_timestep(t, pipe.boundary * 1000) for t in timesteps.tolist()]
-    guidance = {e: choose_guidance(run["guide"][i], opts.batched_cfg, pipe.cfg_group, pipe.cfg_rank)
-                for i, e in enumerate(("low", "high"))}
+    trace = pipe._expert_trace(timesteps.tolist())
+    guidance = pipe._guidance(tuple(run["guide"]), opts.batched_cfg)
     if method == "magcache":
         forced = [i == 0 or trace[i] != trace[i - 1] for i in range(len(trace))]  # reuse wherever allowed
         policy, computed_first = MagCache(settings, trace, guidance, schedule=forced), 1
@@ -208,7 +231,9 @@ def cache_cost(pipe, noise, run: dict, method: str, per_step: float) -> dict:
     out = dict(settings=settings.as_dict(), step_s=times, computed=policy.computed[:steps],
                reused_step_s=statistics.median(reused), computed_step_s=per_step,
                reused_over_computed=statistics.median(reused) / per_step)
-    if method == "magcache":
+    if method == "magcache" and no_curve:
+        out["projection"] = f"none: {kind} has no published magcache ratio curve"
+    elif method == "magcache":
         schedule = magcache_schedule(load_ratios(settings.ratios).curve(len(trace)), trace, settings.thresh,
                                      settings.max_skip, settings.retention, settings.uncached)
         n_reused = schedule.count(False)
@@ -250,11 +275,9 @@ def profile_forward(pipe, noise, run: dict, path):
     return path
 
 
-def run_stages(args):
-    """T5 encode (and its CPU<->GPU moves), VAE decode, expert transfers in bf16 and fp32."""
-    device = torch.device(args.device)
-    tiny = args.res == "tiny"
-    out = dict(kind="stages", res=args.res)
+def t5_stages(device, tiny: bool) -> dict:
+    """T5: two prompts encoded on the device, and its moves down to the host and back up."""
+    out = {}
     t5 = random_t5(device, tiny)
     t5.model.to(device)
     prompt = "Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted stage."
@@ -273,15 +296,28 @@ def run_stages(args):
     t5.model.to(device)
     sync(device)
     out["t5_to_gpu_s"] = time.perf_counter() - t0
-    del t5
-    lat, _ = geometry(args.res, args.frame_num)
+    return out
+
+
+def run_stages(args):
+    """T5 encode (and its CPU<->GPU moves), VAE decode, expert transfers in bf16 and fp32 (--vae_only: the VAE)."""
+    device = torch.device(args.device)
+    tiny = args.res == "tiny"
+    out = dict(kind="stages", res=args.res, task=args.task, size=size_for(args.res, args.task),
+               frame_num=args.frame_num)
+    if not args.vae_only:
+        out.update(t5_stages(device, tiny))
+    lat, _ = geometry(args.res, args.frame_num, args.task)
     z = torch.randn(*lat, device=device, generator=torch.Generator(device=device).manual_seed(3))
     out["vae"], videos, latents = {}, {}, {}
-    cond = condition_video_for(args.res, args.frame_num, device) if args.task == "i2v" else None
+    cond = {"i2v": lambda: condition_video_for(args.res, args.frame_num, device),
+            "ti2v": lambda: first_frame_for(args.res, device)}.get(args.task, lambda: None)()
+    version = task_config(args.task, tiny).vae_version
     for name in args.vae_dtypes.split(","):
-        vae = random_vae(device, tiny, VAE_DTYPES[name])
+        vae = random_vae(device, tiny, VAE_DTYPES[name], version)
         if cond is not None:
-            out.setdefault("vae_encode", {})[name] = time_encode(vae, cond, name, latents, device)
+            out.setdefault("vae_encode", {})[name] = time_encode(vae, cond, name, latents, device,
+                                                                 reuse=args.task == "i2v")
         vae.decode([z[:, :2]])  # warm
         reset_peak(device)
         sync(device)
@@ -295,6 +331,8 @@ def run_stages(args):
             entry["max_abs_vs_fp32"] = d.abs().max().item()
             # PSNR of the [-1, 1] video (peak-to-peak 2), as the 8-bit video's would be
             entry["psnr_vs_fp32_db"] = (10 * torch.log10(4.0 / d.pow(2).mean())).item()
+        if args.vae_bands > 1:  # the banded decode of the same latent, its peak and its difference to the whole one
+            entry["banded"] = time_banded_decode(vae, z, args.vae_bands, video, device)
         out["vae"][name] = entry
         del vae, video
         if device.type == "cuda":
@@ -306,7 +344,7 @@ def run_stages(args):
         out["vae_encode_s"], out["vae_encode_peak_gb"] = enc["encode_s"], enc["peak_gb"]
     if args.transfers:
         for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-            m = random_expert(device, dtype, tiny=tiny)
+            m = random_expert(device, dtype, tiny=tiny, task=args.task)
             sync(device)
             t0 = time.perf_counter()
             m.cpu()
@@ -332,13 +370,41 @@ def condition_video_for(res: str, frame_num: int, device) -> torch.Tensor:
     return condition_video(first, frame_num, device)
 
 
-def time_encode(vae, video: torch.Tensor, name: str, latents: dict, device) -> dict:
+def first_frame_for(res: str, device) -> torch.Tensor:
+    """TI2V's image-mode encode input [3, 1, h, w]: a 16:9 random picture of the --res size resized and cropped to the
+    video's size (best_output_size at that area)."""
+    from wan.ti2v_inputs import first_frame, ti2v_geometry
+
+    w, h = size_for(res, "ti2v")
+    return first_frame(random_image(w, h), ti2v_geometry(w, h, w * h)).to(device)
+
+
+def time_banded_decode(vae, z: torch.Tensor, bands: int, whole: torch.Tensor, device) -> dict:
+    """The decode of z in `bands` bands of rows (the pipeline's --vae_bands), timed, with its peak and its max
+    difference to the whole-frame video `whole`."""
+    bands_before = vae.decode_bands
+    vae.decode_bands = bands
+    try:
+        reset_peak(device)
+        sync(device)
+        t0 = time.perf_counter()
+        video = vae.decode([z])[0]
+        sync(device)
+        entry = {"bands": bands, "decode_s": time.perf_counter() - t0, **peak_gb(device)}
+    finally:
+        vae.decode_bands = bands_before
+    entry["max_abs_vs_whole"] = (video.float().cpu() - whole.float().cpu()).abs().max().item()
+    return entry
+
+
+def time_encode(vae, video: torch.Tensor, name: str, latents: dict, device, reuse: bool = True) -> dict:
     """The condition video's encode timed twice after a 5-frame warm-up: the plain one (the reference's) and the one
-    reusing repeated layers (--fast_encode), with their peaks, whether the two latents are equal bit for bit, and
-    the error against the fp32 encode when `name` is another dtype (`latents` collects each dtype's result)."""
+    reusing repeated layers (--fast_encode; `reuse` False: the plain one only, TI2V's one frame), with their peaks,
+    whether the two latents are equal bit for bit, and the error against the fp32 encode when `name` is another
+    dtype (`latents` collects each dtype's result)."""
     vae.encode([video[:, :5]])  # warm: cuDNN plans for the chunk shapes
     entry, out = {}, {}
-    for key, reuse in (("", False), ("reuse_", True)):
+    for key, reuse in (("", False), ("reuse_", True))[:2 if reuse else 1]:
         reset_peak(device)
         sync(device)
         t0 = time.perf_counter()
@@ -347,7 +413,8 @@ def time_encode(vae, video: torch.Tensor, name: str, latents: dict, device) -> d
         peak = peak_gb(device)
         entry.update({f"{key}encode_s": time.perf_counter() - t0, f"{key}peak_gb": peak["peak_gb"],
                       f"{key}peak_reserved_gb": peak["peak_reserved_gb"]})
-    entry["reuse_equal"] = torch.equal(out["reuse_"], out[""])
+    if "reuse_" in out:
+        entry["reuse_equal"] = torch.equal(out["reuse_"], out[""])
     latents[name] = out[""].float().cpu()
     if name != "fp32" and "fp32" in latents:
         d = (latents[name].double() - latents["fp32"].double()).abs()
@@ -422,7 +489,7 @@ def run_full(args):
                                        rank=args.lora_rank)
         lora = dict(lora_dir=str(folder))
     t0 = time.perf_counter()
-    w, h = RESOLUTIONS[args.res]
+    w, h = size_for(args.res, args.task)
     pipe = random_pipeline(opts, device, tiny=args.res == "tiny", n_experts=2, with_text=True, task=args.task,
                            plan_for=(w, h, args.frame_num), **lora)
     build_s = time.perf_counter() - t0
@@ -430,8 +497,8 @@ def run_full(args):
     weights_gb = dict(high=gpu_weight_gb(experts[0]), low=gpu_weight_gb(experts[1]), both=gpu_weight_gb(*experts))
     gen = dict(frame_num=args.frame_num, shift=args.shift, sample_solver=args.solver,
                sampling_steps=args.sampling_steps, guide_scale=tuple(args.guide), seed=42)
-    if args.task == "i2v":  # a 16:9 first frame of the --res size at that area: the t2v size and token count
-        gen.update(img=random_image(w, h), max_area=w * h)
+    if args.task == "i2v" or (args.task == "ti2v" and args.ti2v_mode == "image"):
+        gen.update(img=random_image(w, h), max_area=w * h)  # a first frame of the --res size at that area
     else:
         gen.update(size=(w, h))
     prompt = "Two anthropomorphic cats in comfy boxing gear fight on a spotlighted stage."
@@ -444,7 +511,8 @@ def run_full(args):
         warmup_s = time.perf_counter() - t0
     runs, last = generations(pipe, prompt, gen, args.repeat, device)
     steady = [r["total_s"] for r in runs[1:]] or [runs[0]["total_s"]]
-    out = dict(kind="full", res=args.res, task=args.task, options=pipe.options.changed(),
+    out = dict(kind="full", res=args.res, task=args.task, size=(w, h), frame_num=args.frame_num,
+               ti2v_mode=args.ti2v_mode if args.task == "ti2v" else None, options=pipe.options.changed(),
                backends=pipe.last_result.backends,
                memory_plan=pipe.memory_plan.describe() if pipe.memory_plan else None, allocator=pipe.allocator,
                placement=pipe.placement.describe(), cli_plan=cli_plan, expert_weights_gb=weights_gb,
@@ -526,11 +594,10 @@ def cli_fast_plan(opts: RuntimeOptions, res: str, frame_num: int, device, task: 
     import logging.handlers
 
     import generate
-    from wan.configs import WAN_CONFIGS
 
     if device.type != "cuda":
         raise SystemExit(f"error: --cli_plan: the CLI plans for a CUDA card's free memory; this run is on {device}")
-    w, h = RESOLUTIONS[res]
+    w, h = size_for(res, task)
     cli_args = argparse.Namespace(options=opts, size=f"{w}*{h}", frame_num=frame_num)
     handler = logging.handlers.BufferingHandler(capacity=1000)  # the line the CLI logs
     log = logging.getLogger("wan")
@@ -539,7 +606,7 @@ def cli_fast_plan(opts: RuntimeOptions, res: str, frame_num: int, device, task: 
     log.setLevel(logging.INFO)
     try:
         free_gb = torch.cuda.mem_get_info(device)[0] / 1e9
-        cfg = WAN_CONFIGS[f"{task}-tiny" if res == "tiny" else f"{task}-A14B"]
+        cfg = task_config(task, res == "tiny")
         planned = generate._fast_budget(cli_args, cfg, device, Path(tempfile.mkdtemp()))
     finally:
         log.removeHandler(handler)
@@ -561,8 +628,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["row", "stages", "peer", "full"])
     p.add_argument("--res", default="480p", choices=list(RESOLUTIONS))
     p.add_argument("--task", default="t2v", choices=TASKS,
-                   help="t2v, or i2v: the image-to-video pipeline (36-channel experts, the condition y)")
-    p.add_argument("--frame_num", type=int, default=81)
+                   help="t2v, i2v (the image-to-video pipeline: 36-channel experts, the condition y) or ti2v "
+                        "(TI2V-5B: one model, the Wan 2.2 VAE)")
+    p.add_argument("--frame_num", type=int, default=None, help="frames (default: 81; 121 for ti2v)")
+    p.add_argument("--ti2v_mode", default="image", choices=["image", "text"],
+                   help="ti2v: with a first frame (frame 0 fixed, per-token timesteps) or text to video")
+    p.add_argument("--vae_bands", type=int, default=0, help="stages: also the decode in this many bands of rows")
     p.add_argument("--options", default="{}", help="RuntimeOptions fields as JSON")
     p.add_argument("--steps", type=int, default=3, help="timed denoising steps (row) or timed forwards (peer)")
     p.add_argument("--guidance_one", action="store_true", help="row: guidance 1 (one pass per step)")
@@ -582,6 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", default=None, help="compare with a file written by --save")
     p.add_argument("--profile", default=None, help="write a profiler summary of one forward here (row)")
     p.add_argument("--transfers", action="store_true", help="also time expert CPU<->GPU moves (stages)")
+    p.add_argument("--vae_only", action="store_true", help="stages: the VAE only (no T5)")
     p.add_argument("--vae_dtypes", default="fp32", help="stages: VAE decode dtypes, e.g. fp32,bf16")
     p.add_argument("--cli_plan", action="store_true",
                    help="full: as generate.py --fast on one GPU: plan for the card's free memory before building")
@@ -609,6 +681,8 @@ def main(argv=None):
 
         dist = init_distributed(RuntimeOptions(**json.loads(args.options)), args.device)
         args.device = str(dist.device)
+    if args.frame_num is None:
+        args.frame_num = 121 if args.task == "ti2v" else 81
     fn = dict(row=run_row, stages=run_stages, peer=run_peer, full=run_full)[args.what]
     try:
         with torch.no_grad():

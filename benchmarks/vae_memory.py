@@ -1,8 +1,9 @@
 """Live-tensor peak and work of the Wan 2.1 VAE decode (and, with --encode, of the I2V condition's encode), counted on
-CPU with no weights and no GPU.
+CPU with no weights and no GPU; `--vae 2.2`: the Wan 2.2 VAE of TI2V-5B (dims 160 / 256, z 48, 4x16x16).
 
     python -m benchmarks.vae_memory --size 1280x720 --frames 81 --dtype fp32,bf16 --out vae_memory.json
     python -m benchmarks.vae_memory --encode --size 1280x720 --frames 81 --dtype fp32,bf16 --out vae_encode.json
+    python -m benchmarks.vae_memory --vae 2.2 --size 1280x704 --frames 121 --orders band --bands 4 --out v22.json
 
 The full-size VAE (base_dim 96, z_dim 16) is built on the meta device, where every op runs on shapes only. A
 TorchDispatchMode sees each aten op's outputs and tracks their storages by weak reference: the peak is the largest
@@ -35,6 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from wan.modules.vae import build_wan_vae
+from wan.modules.vae2_2 import build_wan22_vae
 from wan.modules.vae_bands import DEFAULT_SPLIT_BY_ORDER, _band_plan, _row_scale, decode_banded, halo_rows
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -149,15 +151,24 @@ def count(fn, fused_attention: bool = True) -> dict:
     return {"peak_bytes": counter.peak, "macs": counter.macs}
 
 
-def meta_vae(dtype: torch.dtype):
-    vae = build_wan_vae(96, 16, device="meta").eval().requires_grad_(False)
+VAES = {"2.1": lambda: build_wan_vae(96, 16, device="meta"),
+        "2.2": lambda: build_wan22_vae(160, 256, 48, device="meta")}
+
+
+def meta_vae(dtype: torch.dtype, version: str = "2.1"):
+    vae = VAES[version]().eval().requires_grad_(False)
     return vae._apply(lambda t: t.to(dtype))  # nn.Module's cast: ModelMixin.to warns about fp32 modules
 
 
-def rows_overhead(decoder, height: int, split: int, bands: int, cropped: bool) -> list[float]:
+def _latent_shape(vae, width: int, height: int, frames: int) -> tuple[int, ...]:
+    s = vae.config.scale_factor_spatial
+    return (1, vae.config.z_dim, 1 + (frames - 1) // 4, height // s, width // s)
+
+
+def rows_overhead(decoder, height: int, split: int, bands: int, cropped: bool, patch: int = 1) -> list[float]:
     """Rows computed / rows kept - 1 in each banded up block (frame order: every block computes the split's halo;
     band order: each block's input is cropped to its own halo_rows)."""
-    rows = height // 8 * _row_scale(decoder, 0) // _row_scale(decoder, split)
+    rows = height // (8 * patch) * _row_scale(decoder, 0) // _row_scale(decoder, split)
     plan = _band_plan(rows, bands, halo_rows(decoder, split))
     result = []
     for k in range(split, len(decoder.up_blocks)):
@@ -173,9 +184,10 @@ def rows_overhead(decoder, height: int, split: int, bands: int, cropped: bool) -
 
 def measure(width: int, height: int, frames: int, dtype: str, order: str = "whole", split: int | None = None,
             bands: int = 1, fused_attention: bool = True, vae=None) -> dict:
-    """One decode of a [1, 16, 1 + (frames - 1) // 4, height / 8, width / 8] latent on the meta device."""
+    """One decode of a [1, z, 1 + (frames - 1) // 4, height / s, width / s] latent on the meta device (s = 8 for the
+    Wan 2.1 VAE, 16 for 2.2)."""
     vae = meta_vae(DTYPES[dtype]) if vae is None else vae
-    shape = (1, 16, 1 + (frames - 1) // 4, height // 8, width // 8)
+    shape = _latent_shape(vae, width, height, frames)
 
     def run():
         z = torch.empty(shape, dtype=DTYPES[dtype], device="meta")
@@ -188,7 +200,8 @@ def measure(width: int, height: int, frames: int, dtype: str, order: str = "whol
     rec.update(size=f"{width}x{height}", frames=frames, dtype=dtype, order=order, split=split, bands=bands,
                peak_gib=rec["peak_bytes"] / GIB, seconds=time.perf_counter() - t0)
     if order != "whole":
-        rec["rows_overhead"] = rows_overhead(vae.decoder, height, split, bands, order == "band")
+        rec["rows_overhead"] = rows_overhead(vae.decoder, height, split, bands, order == "band",
+                                             vae.config.patch_size or 1)
     return rec
 
 
@@ -244,16 +257,19 @@ def main(argv=None) -> int:
     p.add_argument("--bands", default="2,4,8", help="comma-separated band counts")
     p.add_argument("--math_attention", action="store_true", help="count the math attention path's score matrix")
     p.add_argument("--encode", action="store_true", help="count the encode of a video of this size instead")
+    p.add_argument("--vae", default="2.1", choices=sorted(VAES), help="2.1 (A14B tasks) or 2.2 (TI2V-5B)")
     p.add_argument("--out", help="write the records as JSON here")
     args = p.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
-    if width % 8 or height % 8 or (args.frames - 1) % 4:
-        p.error("--size must be multiples of 8 and --frames 1 + 4k")
+    align = 8 if args.vae == "2.1" else 16
+    if width % align or height % align or (args.frames - 1) % 4:
+        p.error(f"--size must be multiples of {align} and --frames 1 + 4k")
     orders = [o for o in args.orders.split(",") if o]
     records = []
     if args.encode:
         for dtype in args.dtype.split(","):
-            records.append(measure_encode(width, height, args.frames, dtype, not args.math_attention))
+            records.append(measure_encode(width, height, args.frames, dtype, not args.math_attention,
+                                          meta_vae(DTYPES[dtype], args.vae)))
             print(f"  {dtype} encode: {records[-1]['peak_gib']:.2f} GiB ({records[-1]['seconds']:.1f} s)",
                   file=sys.stderr, flush=True)
         print(f"{width}x{height}x{args.frames} encode, live-tensor peaks (input included; no weights, no allocator "
@@ -262,11 +278,11 @@ def main(argv=None) -> int:
             print(f"{r['dtype']:5}  encode  {r['peak_gib']:8.2f} GiB  {r['macs'] / 1e12:.1f} TMAC")
         if args.out:
             with open(args.out, "w") as f:
-                json.dump({"size": args.size, "frames": args.frames, "fused_attention": not args.math_attention,
-                           "records": records}, f, indent=1)
+                json.dump({"size": args.size, "frames": args.frames, "vae": args.vae,
+                           "fused_attention": not args.math_attention, "records": records}, f, indent=1)
         return 0
     for dtype in args.dtype.split(","):
-        vae = meta_vae(DTYPES[dtype])
+        vae = meta_vae(DTYPES[dtype], args.vae)
         for order in ["whole", *orders]:
             splits = (_ints(args.splits) or [DEFAULT_SPLIT_BY_ORDER[order]]) if order != "whole" else [None]
             for split in splits:
@@ -281,8 +297,8 @@ def main(argv=None) -> int:
     print(table(records))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"size": args.size, "frames": args.frames, "fused_attention": not args.math_attention,
-                       "records": records}, f, indent=1)
+            json.dump({"size": args.size, "frames": args.frames, "vae": args.vae,
+                       "fused_attention": not args.math_attention, "records": records}, f, indent=1)
     return 0
 
 

@@ -18,10 +18,17 @@ row's options once more with the t2v pipeline, in the same run, for the I2V / T2
 
 `--cache_cost magcache,easycache` also times, in each row's process, a step whose DiT calls a step cache reuses
 against a computed one (through the real loop), and projects MagCache's 40-step DiT and video time from the
-measured computed step, the measured reused step and the schedule at its published settings (labelled "projected"):
+measured computed step, the measured reused step and the schedule at its published settings (labelled "projected";
+not for ti2v, which has no published ratio curve: its reused step is still measured):
 
     python -m benchmarks.waterfall --res 720p --rows 8 --cache_cost magcache,easycache \
         --out benchmarks/results/h100_720p_cache_projection.json
+
+`--task ti2v` runs TI2V-5B (one 48-channel model, image mode: the first latent frame fixed, per-token timesteps) at
+its 720p, 1280x704, and 121 frames; its projection is for its 50 steps:
+
+    python -m benchmarks.waterfall --task ti2v --res 720p --rows 0,8 --stages --out h100_720p_ti2v_waterfall.json
+(row 0: the original path, fp32 weights, as the reference runs on an 80 GB card; row 8: --fast.)
 """
 from __future__ import annotations
 
@@ -55,6 +62,7 @@ WATERFALL = [
 ]
 DERIVED = {"+ offload_model false (experts resident)"}
 STEPS = 40
+STEPS_BY_TASK = {"ti2v": 50}  # the task's default steps, for the projection (else STEPS)
 
 
 def run_child(args: list[str], timeout: float, nproc: int = 1) -> dict:
@@ -78,13 +86,17 @@ def run_child(args: list[str], timeout: float, nproc: int = 1) -> dict:
 
 
 def projection(row: dict, opts: dict, stages: dict | None) -> dict:
-    """Seconds of a 40-step video for this row (stage costs from `stages` where measured); with a MagCache cost
-    measured in the row (`--cache_cost`), its DiT (and video) time from the schedule: cached_dit_s, cached_video_s."""
-    dit = STEPS * row["per_step_s"]
-    out = {"dit_s": dit}
+    """Seconds of a 40-step video (50 for ti2v) for this row (stage costs from `stages` where measured); with a
+    MagCache cost measured and projected in the row (`--cache_cost`), its DiT (and video) time from the schedule:
+    cached_dit_s, cached_video_s."""
+    steps = STEPS_BY_TASK.get(row.get("task"), STEPS)
+    dit = steps * row["per_step_s"]
+    out = {"dit_s": dit, "steps": steps}
     mag = (row.get("cache_cost") or {}).get("magcache")
-    if mag:
+    if mag and "projected_dit_s" in mag:
         out["cached_dit_s"] = mag["projected_dit_s"]
+    else:
+        mag = None
     if stages and "t5_encode_s" in stages:
         offload = opts.get("offload_model") is not False
         # T5 goes up to encode; only the offloading placement copies it back down (Resident encodes from a temporary
@@ -142,8 +154,9 @@ def environment() -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--res", default="480p", choices=["480p", "720p", "tiny"])
-    p.add_argument("--frame_num", type=int, default=81)
-    p.add_argument("--task", default="t2v", choices=TASKS, help="t2v, or i2v (the image-to-video pipeline)")
+    p.add_argument("--frame_num", type=int, default=None, help="frames (default: 81; 121 for ti2v)")
+    p.add_argument("--task", default="t2v", choices=TASKS,
+                   help="t2v, i2v (the image-to-video pipeline) or ti2v (TI2V-5B, its image mode)")
     p.add_argument("--beside_t2v", action="store_true",
                    help="with --task i2v: the last row's options once more on the t2v pipeline (same tokens)")
     p.add_argument("--steps", type=int, default=3, help="timed denoising steps per row (median reported)")
@@ -169,6 +182,8 @@ def main(argv=None) -> int:
     left = lambda: args.deadline - (time.perf_counter() - t_start)  # noqa: E731
     if args.beside_t2v and args.task != "i2v":
         p.error("--beside_t2v compares the i2v rows with t2v: add --task i2v")
+    if args.frame_num is None:
+        args.frame_num = 121 if args.task == "ti2v" else 81
     common = ["--res", args.res, "--frame_num", str(args.frame_num)]
     record = {"env": environment(), "res": args.res, "frame_num": args.frame_num, "steps_timed": args.steps,
               "rows": [], "stages": None, "peer": None, "full": None}
@@ -228,7 +243,9 @@ def main(argv=None) -> int:
         record["peer"] = run_child([*common, "peer", "--steps", str(args.steps)], left())
         print(f"[{time.perf_counter() - t_start:6.0f} s] peer: {record['peer']}", flush=True)
     if args.full and left() > 60:
-        full = run_child([*common, "full", "--options", json.dumps(opts), "--repeat", str(args.repeat)], left())
+        sampling = ["--sampling_steps", "50", "--shift", "5", "--guide", "5", "5"] if args.task == "ti2v" else []
+        full = run_child([*common, "full", "--options", json.dumps(opts), "--repeat", str(args.repeat), *sampling],
+                         left())
         record["full"] = full
         last = record["rows"][-1] if record["rows"] else {}
         if "error" not in full and "video_s" in last.get("projection", {}):
@@ -258,7 +275,7 @@ def finish(record: dict, out: str | None, table) -> None:
 def markdown(record: dict) -> str:
     rows = record["rows"]
     base = next((r for r in rows if "error" not in r), None)
-    task = "image-to-video, " if record.get("task") == "i2v" else ""
+    task = {"i2v": "image-to-video, ", "ti2v": "TI2V-5B image mode, "}.get(record.get("task"), "")
     lines = [f"### {record['env'].get('gpu', 'cpu')}, {task}{record['res']}, {record['frame_num']} frames, torch "
              f"{record['env']['torch']}, commit {record['env']['git_commit']}",
              "| row | s / forward | TFLOP/s | projected video s | x vs original | x vs previous | peak GB | attention "
@@ -290,9 +307,10 @@ def markdown(record: dict) -> str:
             if "projected_dit_s" in c:
                 n = len(c["schedule_reused_steps"])
                 proj = r["projection"]
+                steps = proj.get("steps", STEPS)
                 video = (f", video {proj['video_s']:.1f} -> {proj['cached_video_s']:.1f} s"
                          if "cached_video_s" in proj else "")
-                line += (f"; projected from these and the schedule ({STEPS - n} of {STEPS} steps computed): DiT "
+                line += (f"; projected from these and the schedule ({steps - n} of {steps} steps computed): DiT "
                          f"{c['dit_s']:.1f} -> {c['projected_dit_s']:.1f} s ({c['projected_dit_ratio']:.3f}x){video}")
             lines.append(line)
     beside = record.get("t2v_beside")

@@ -1,4 +1,4 @@
-"""Shared fixtures: one tiny checkpoint folder in the official layout per test session and task (t2v, i2v); the
+"""Shared fixtures: one tiny checkpoint folder in the official layout per test session and task (t2v, i2v, ti2v); the
 `gpu` marker and the GPU tier's JSON report (WAN_GPU_REPORT=path: each test's outcome and the numbers it
 recorded); the `pinned` marker."""
 import json
@@ -48,6 +48,21 @@ def tiny_i2v_pipe(tiny_i2v_ckpt):
     from wan.image2video import WanI2V
 
     return WanI2V(WAN_CONFIGS["i2v-tiny"], tiny_i2v_ckpt, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_ti2v_ckpt(tmp_path_factory):
+    from wan.testing.tiny import ensure_tiny_checkpoint
+
+    return ensure_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ti2v") / "ckpt", task="ti2v-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_ti2v_pipe(tiny_ti2v_ckpt):
+    from wan.configs import WAN_CONFIGS
+    from wan.textimage2video import WanTI2V
+
+    return WanTI2V(WAN_CONFIGS["ti2v-tiny"], tiny_ti2v_ckpt, device="cpu")
 
 
 _GPU_REPORT: dict = {}

@@ -120,6 +120,13 @@ def i2v(e: Env, *extra, image=None) -> list[str]:
     return argv + (["--image", str(image)] if image is not None else []) + [str(x) for x in extra]
 
 
+def ti2v(e: Env, *extra, image=None) -> list[str]:
+    """A valid, fast ti2v-tiny command line (the image optional) plus `extra`."""
+    argv = ["--task", "ti2v-tiny", "--ckpt_dir", str(e.tmp / "ti2v_ckpt"), *FAST, "--prompt", "a cat boxing",
+            "--save_file", str(e.out)]
+    return argv + (["--image", str(image)] if image is not None else []) + [str(x) for x in extra]
+
+
 def i2v_batch(e: Env, prompts: str, images: str, *extra) -> list[str]:
     """An i2v-tiny batch command line: --prompt_file and --image_file holding these lines."""
     return ["--task", "i2v-tiny", "--ckpt_dir", str(e.tmp / "i2v_ckpt"), *FAST, "--prompt_file",
@@ -196,6 +203,21 @@ def _only_files(e: Env, *missing, task: str = "t2v-A14B") -> list[str]:
         if flag not in missing:
             argv += [flag, str(e.ckpt / name)]
     return argv
+
+
+def _ti2v_files(e: Env, *extra) -> list[str]:
+    """ti2v-tiny from per-component files (a 48-channel DiT file, the tiny T5 and tokenizer; `extra` adds --vae)."""
+    dit = _other_task(e, model_type="ti2v", in_dim=48, out_dim=48)
+    return ["--task", "ti2v-tiny", *FAST, "--prompt", "a cat", "--save_file", str(e.out), "--dit", str(dit),
+            "--t5", str(e.ckpt / T5), "--tokenizer", str(e.ckpt / TOK), *(str(x) for x in extra)]
+
+
+def _vae22(e: Env) -> Path:
+    """A tiny Wan 2.2 VAE in the official layout (Wan2.2_VAE.pth)."""
+    from wan.testing.tiny_vae22 import write_tiny_vae22_checkpoint
+
+    write_tiny_vae22_checkpoint(e.tmp / "Wan2.2_VAE.pth")
+    return e.tmp / "Wan2.2_VAE.pth"
 
 
 def ckpt_case(id_, mutate, needle, sub=False) -> Case:
@@ -374,6 +396,19 @@ CASES = [
     Case("cache-calibrate-batch", lambda e: std(e, "--sample_steps", "12", "--cache_calibrate", e.tmp / "r.json",
                                                 "--prompt_file", _prompts(e, "a cat\n"), prompt=False, save=False),
          2, "use --prompt, not --prompt_file"),
+    # text-image-to-video: the image optional, its own sizes, one DiT (no LoRA)
+    Case("ti2v-size-not-for-the-task", lambda e: ti2v(e, "--size", "832*480"), 2, "not supported by ti2v-tiny", True),
+    Case("ti2v-5b-reference-default-size", lambda e: ["--task", "ti2v-5B", "--size", "1280*720", "--ckpt_dir",
+                                                      str(e.tmp)], 2, "one of 704*1280, 1280*704", True),
+    Case("ti2v-lora", lambda e: ti2v(e, "--lora_high", _write(e, "h.safetensors", b"x")), 2, "has one DiT", True),
+    Case("ti2v-distilled", lambda e: ti2v(e, "--distilled"), 2, "--distilled: ti2v-tiny has one DiT"),
+    Case("ti2v-image-missing", lambda e: ti2v(e, image=e.tmp / "gone.png"), 2, "--image"),
+    Case("ti2v-text-named-png", lambda e: ti2v(e, image=_write(e, "p.png", "text")), 2, "is not an image Pillow"),
+    Case("ti2v-image-1x1", lambda e: ti2v(e, image=_png(e, "dot.png", 1, 1)), 2, "too small to start a video"),
+    Case("ti2v-extreme-aspect", lambda e: ti2v(e, image=_png(e, "strip.png", 4000, 16)), 2, "crop the image"),
+    Case("ti2v-frames-not-4n+1", lambda e: ti2v(e, "--frame_num", "8"), 2, "--frame_num must be 4n+1"),
+    Case("ti2v-with-a-t2v-checkpoint", lambda e: ti2v(e)[:2] + ["--ckpt_dir", str(e.ckpt)] + ti2v(e)[4:], 1,
+         "Wan2.2_VAE.pth (the VAE; part of the official Wan2.2-TI2V-5B download)"),
     # the tiny model's --ckpt_dir
     Case("tiny-ckpt-is-file", lambda e: std(e, ckpt=_write(e, "ck", b"x")), 2, "is a file", True, keep={"ck": b"x"}),
     Case("tiny-ckpt-foreign", lambda e: std(e, ckpt=_write(e, "mine/notes.txt", b"n").parent), 2,
@@ -431,6 +466,17 @@ CASES = [
          + ["--image", str(_png(e, "a.png"))], 2, "official Wan2.2-I2V-A14B download"),
     Case("layout-no-ckpt-no-files", lambda e: _only_files(e, "--dit_high", "--dit_low", "--t5", "--vae",
                                                            "--tokenizer"), 2, "or per-component files"),
+    # TI2V-5B with the layouts and the step cache: its DiT flag, its VAE, MagCache without a published curve
+    Case("ti2v-dit-high", lambda e: ti2v(e, "--dit_high", _comfy(e)), 2,
+         "ti2v-tiny has one DiT; pass it with --dit FILE", True),
+    Case("ti2v-wan21-vae", lambda e: _ti2v_files(e, "--vae", e.ckpt / VAE), 1,
+         "is a Wan 2.1 VAE (encoder.conv1 takes 3 channels, 16 latent channels); this task needs the Wan 2.2 VAE"),
+    Case("ti2v-5b-files-without-dit", lambda e: ["--task", "ti2v-5B", "--device", "cpu", "--prompt", "a cat",
+                                                 "--save_file", str(e.out), "--t5", str(e.ckpt / T5)], 2,
+         "pass --dit FILE, --vae FILE, --tokenizer DIR"),
+    Case("t2v-wan22-vae", lambda e: std(e, "--vae", _vae22(e)), 1, "is a Wan 2.2 VAE", True),
+    Case("ti2v-magcache-without-ratios", lambda e: ti2v(e, "--sample_steps", "12", "--cache", "magcache"), 2,
+         "--cache magcache needs --cache_ratios FILE for ti2v", True),
     ckpt_case("tokenizer-json-malformed", lambda d: (d / TOK / "tokenizer.json").write_text("[1,"),
               "tokenizer.json is not valid JSON"),
 ]
@@ -465,6 +511,7 @@ def no_loading(monkeypatch):
     import wan.image2video as i2v_module
     import wan.testing.tiny as tiny
     import wan.text2video as t2v
+    import wan.textimage2video as ti2v_module
 
     class NoPipeline:
         def __init__(self, *a, **k):
@@ -479,6 +526,7 @@ def no_loading(monkeypatch):
 
     monkeypatch.setattr(t2v, "WanT2V", NoPipeline)
     monkeypatch.setattr(i2v_module, "WanI2V", NoPipeline)
+    monkeypatch.setattr(ti2v_module, "WanTI2V", NoPipeline)
     monkeypatch.setattr(tiny, "ensure_tiny_checkpoint", ensure)
 
 

@@ -236,3 +236,33 @@ def test_full_cache_variant_and_row_cache_cost_tiny_cpu(capsys):
                                          "projection": waterfall.projection({"per_step_s": 1, "cache_cost": cost},
                                                                             {}, None)}]})
     assert "--cache magcache: a reused step" in text and "projected from these and the schedule (26 of 40" in text
+
+
+# ---- TI2V-5B rows (--task ti2v) ------------------------------------------------------------------------------------
+def test_waterfall_ti2v_tiny_cpu(tmp_path, capsys):
+    """TI2V rows: one 48-channel model in image mode (frame 0 fixed, per-token timesteps), the original path and a
+    switch, compared; the projection is for the task's 50 steps."""
+    out = tmp_path / "wf.json"
+    code = waterfall.main(["--task", "ti2v", "--res", "tiny", "--frame_num", "5", "--rows", "0,3", "--original_attn",
+                           "sdpa", "--steps", "1", "--out", str(out), "--deadline", "300"])
+    assert code == 0
+    rec = json.loads(out.read_text())
+    assert rec["task"] == "ti2v" and [("error" in r) for r in rec["rows"]] == [False, False], rec["rows"]
+    base, fast = rec["rows"]
+    assert base["ti2v_mode"] == "image" and base["seq_len"] == 2 * 2 * 2 and base["resident_experts"] == 1
+    assert fast["options"]["fast_time_embedding"] and fast["pred_rel_diff"] < 1e-5  # two rows gathered: exact
+    assert base["projection"]["steps"] == 50
+    assert "TI2V-5B image mode" in capsys.readouterr().out
+
+
+def test_stages_ti2v_wan22_decode_in_fp32_bf16_and_bands(capsys):
+    from benchmarks import rows
+
+    assert rows.main(["stages", "--task", "ti2v", "--res", "tiny", "--frame_num", "5", "--vae_dtypes", "fp32,bf16",
+                      "--vae_bands", "2", "--vae_only", "--device", "cpu"]) == 0
+    st = json.loads(capsys.readouterr().out.split("RESULT ", 1)[1])
+    assert st["task"] == "ti2v" and st["frame_num"] == 5 and st["size"] == [64, 64]
+    vae = st["vae"]
+    assert vae["fp32"]["banded"]["max_abs_vs_whole"] < 1e-5 and vae["bf16"]["max_abs_vs_fp32"] > 0
+    assert "reuse_equal" not in st["vae_encode"]["fp32"] and st["vae_encode"]["bf16"]["rel_vs_fp32"] < 0.1
+    assert st["vae_encode_s"] > 0 and "t5_encode_s" not in st  # --vae_only

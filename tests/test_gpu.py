@@ -407,3 +407,32 @@ def test_step_cache_on_gpu(tiny_ckpt, gpu_record):
     assert rec["reused_steps"] == [3, 4, 6, 7, 10] and 0 < rel(cached[1], plain[1]) < 0.5
     assert torch.equal(plain_streamed[1], plain[1]) and torch.equal(cached_streamed[1], cached[1])
     assert copies - cached_copies == (rec["calls"] - rec["computed_calls"]) * layers
+
+
+def test_ti2v_tiny_on_gpu_offload_stream_and_fast(tiny_ti2v_ckpt, gpu_record):
+    """TI2V on the GPU (tiny checkpoint, image mode): offload == resident and streamed == resident bit for bit,
+    --fast (bf16 model, compile, per-sample time rows gathered per token) within bf16 rounding of the original path,
+    the first latent frame the image's latent in every run."""
+    import numpy as np
+    from PIL import Image
+
+    from wan.configs import WAN_CONFIGS
+    from wan.textimage2video import WanTI2V
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8))
+
+    def ti2v(**options):
+        pipe = WanTI2V(WAN_CONFIGS["ti2v-tiny"], tiny_ti2v_ckpt, device="cuda", options=RuntimeOptions(**options))
+        video, latent = pipe.generate(PROMPT, img, max_area=128 * 128, frame_num=9, sampling_steps=4, seed=11,
+                                      return_latents=True)
+        return video, latent, pipe
+
+    off, res = ti2v(offload_model=True), ti2v(offload_model=False)
+    streamed = ti2v(stream_blocks=2, convert_model_dtype=True, compile=True)
+    resident16 = ti2v(offload_model=False, convert_model_dtype=True, compile=True)
+    fast = ti2v(**fast_options().__dict__)
+    gpu_record(fast_vs_original_rel=rel(fast[1], res[1]), backends=fast[2].last_result.backends)
+    assert torch.equal(off[1], res[1]) and torch.equal(off[0], res[0])
+    assert torch.equal(streamed[1], resident16[1]) and torch.equal(streamed[0], resident16[0])
+    assert all(torch.equal(r[1][:, :1], res[1][:, :1]) for r in (off, streamed, resident16, fast))
+    assert fast[2].last_result.backends["time_embedding"] == "per sample" and rel(fast[1], res[1]) < 5e-2

@@ -108,3 +108,30 @@ def test_i2v_condition_encode_reusing_repeats_is_bit_for_bit_at_720p(dtype, gpu_
                plain_peak_gb=plain_peak / 1e9, reuse_peak_gb=fast_peak / 1e9, layers_computed=stats["computed"])
     assert torch.equal(fast, plain)
     assert fast_s < plain_s and sum(stats["computed"]) < 0.6 * stats["chunks"] * stats["layers"]
+
+
+@torch.no_grad()
+def test_wan22_banded_decode_official_size_fp32(gpu_record):
+    """The official-size Wan 2.2 VAE (TI2V-5B: dims 160 / 256, z 48) on the GPU: the band-order decode (4 bands)
+    against the whole-frame one in fp32 with TF32 off, its error, peaks and times; and the bf16 whole-frame decode's
+    error against fp32 (--vae_dtype bf16)."""
+    from wan.modules.vae2_2 import build_wan22_vae
+
+    model = randomize_weights_on_device_(build_wan22_vae(device="cuda").eval(), seed=0).requires_grad_(False)
+    z = torch.randn(1, 48, 3, 30, 40, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with tf32_off():
+        warm = z[:, :, :2, :8, :8]
+        model.decode(warm)
+        decode_banded(model, warm, 4, order="band")
+        whole, whole_peak, whole_s = measured(lambda: model.decode(z).sample)
+        banded, banded_peak, banded_s = measured(lambda: decode_banded(model, z, 4, order="band"))
+    bf16 = model._apply(lambda t: t.to(torch.bfloat16))
+    half, half_peak, half_s = measured(lambda: bf16.decode(z.bfloat16()).sample.float())
+    gib = 2 ** 30
+    err, err16 = (banded - whole).abs().max().item(), (half - whole).abs()
+    gpu_record(shape=list(whole.shape), max_abs=err, whole_peak_gib=round(whole_peak / gib, 3),
+               banded_peak_gib=round(banded_peak / gib, 3), whole_s=round(whole_s, 3), banded_s=round(banded_s, 3),
+               bf16_max_abs=err16.max().item(), bf16_mean_abs=err16.mean().item(),
+               bf16_peak_gib=round(half_peak / gib, 3), bf16_s=round(half_s, 3))
+    assert whole.shape == (1, 3, 9, 480, 640) and whole.std() > 0.05
+    assert err < 1e-4 and banded_peak < whole_peak

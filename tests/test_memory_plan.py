@@ -202,3 +202,30 @@ def test_i2v_plan_has_an_encode_phase_from_the_counted_cost():
         choose(tight.phases["encode"] - 0.5, **{**i2v, "t5_cpu": True})
     assert "\n" not in str(err.value)
     assert choose(24, **{**i2v, "vae_dtype": "bf16"}).phases["encode"] < 0.6 * tight.phases["encode"]
+
+
+def test_ti2v_plan_counts_one_model_and_the_wan22_vae():
+    """TI2V-5B: one 5B DiT (4,999,787,712 parameters, facts §2), the Wan 2.2 VAE's counted costs, the per-token time
+    embedding of the image mode, a one-frame encode. Every cost here is an estimate until measured on a GPU."""
+    from wan.configs import WAN_CONFIGS
+    from wan.configs.model_config import TI2V_5B
+    from wan.memory_plan import VAE_COSTS, activation_bytes_per_token, plan_inputs
+    from wan.options import fast_options
+
+    block, rest = dit_bytes(TI2V_5B, 1)
+    assert block * 30 + rest == 4_999_787_712
+    kw = plan_inputs(WAN_CONFIGS["ti2v-5B"], fast_options(), (1280, 704, 121), 11.4e9)
+    assert (kw["n_models"], kw["vae_version"], kw["per_token_time"], kw["tokens"], kw["encode_pixels"]) == \
+        (1, "2.2", True, 27280, 1280 * 704)
+    plan = estimate("resident", **kw)
+    weights = 2 * (block * 30 + rest)
+    act = activation_bytes_per_token(TI2V_5B, True) * 27280 * 2
+    assert abs(plan.phases["denoise"] - (weights + act) * 1.05 / 1e9) < 1e-9
+    assert abs(plan.phases["decode"] - (weights + VAE_COSTS["2.2"][0]["fp32"] * 1280 * 704 * 121) * 1.05 / 1e9) < 1e-9
+    assert activation_bytes_per_token(A14B) == 84e3 and 70e3 < activation_bytes_per_token(TI2V_5B) < 80e3
+    # the plans README states (estimates): resident on 80 GB, resident + VAE bands under 24, streamed under 16
+    assert choose(80, **kw).placement == "resident" and not choose(80, **kw).vae_bands
+    assert (choose(24, **kw).placement, choose(24, **kw).vae_bands) == ("resident", 4)
+    assert (choose(16, **kw).placement, choose(16, **kw).vae_bands) == ("stream", 4)
+    t2v = estimate("resident", **plan_inputs(WAN_CONFIGS["t2v-A14B"], fast_options(), (1280, 720, 81), 11.4e9))
+    assert t2v.peak_gb > 2 * plan.peak_gb  # two 14B experts

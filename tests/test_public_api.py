@@ -5,6 +5,7 @@ import wan
 from wan.modules.model import WanModel
 from wan.modules.t5 import T5EncoderModel
 from wan.modules.vae import Wan2_1_VAE
+from wan.modules.vae2_2 import Wan2_2_VAE
 from wan.text2video import WanT2V
 
 
@@ -37,3 +38,5 @@ def test_model_signatures():
     assert list(params(T5EncoderModel.__init__)) == ["text_len", "dtype", "device", "checkpoint_path",
                                                      "tokenizer_path", "shard_fn"]
     assert list(params(Wan2_1_VAE.__init__)) == ["z_dim", "vae_pth", "dtype", "device", "decode_bands"]
+    assert list(params(Wan2_2_VAE.__init__))[:7] == ["z_dim", "c_dim", "vae_pth", "dim_mult", "temperal_downsample",
+                                                      "dtype", "device"]

@@ -1,9 +1,11 @@
-"""Wan 2.2 text-to-video (T2V-A14B) and image-to-video (I2V-A14B): a faithful, fast re-implementation.
+"""Wan 2.2 text-to-video (T2V-A14B), image-to-video (I2V-A14B) and text-image-to-video (TI2V-5B): a faithful, fast
+re-implementation.
 
-`wan.WanT2V` and `wan.WanI2V` are the pipelines, as in the reference (imported lazily, so `import wan` stays light).
+`wan.WanT2V`, `wan.WanI2V` and `wan.WanTI2V` are the pipelines, as in the reference (imported lazily, so `import wan`
+stays light).
 """
 
-__all__ = ["WanT2V", "WanI2V"]
+__all__ = ["WanT2V", "WanI2V", "WanTI2V"]
 
 
 def __getattr__(name):
@@ -15,4 +17,8 @@ def __getattr__(name):
         from .image2video import WanI2V
 
         return WanI2V
+    if name == "WanTI2V":
+        from .textimage2video import WanTI2V
+
+        return WanTI2V
     raise AttributeError(f"module 'wan' has no attribute {name!r}")

@@ -1,5 +1,5 @@
-"""Argument parsing and validation for generate.py: the reference's t2v / i2v flags, plus one flag per RuntimeOptions
-field.
+"""Argument parsing and validation for generate.py: the reference's t2v / i2v / ti2v flags, plus one flag per
+RuntimeOptions field.
 
 Every check here runs before anything loads and ends in one `UsageError` line that names the flag, the allowed
 range and (where there is one) the reason for the bound.
@@ -29,7 +29,7 @@ MAX_STEPS = 1000  # the schedulers' 1000 training timesteps
 MAX_SHIFT = 100.0  # past this every step but the last sits near t = 1000
 MAX_GUIDE = 50.0  # the models are tuned for 1-5; far larger values only saturate the video
 MAX_LORA_STRENGTH = 10.0  # distilled LoRAs are made for 1.0
-CPU_PRACTICAL_TASKS = ("t2v-tiny", "i2v-tiny")
+CPU_PRACTICAL_TASKS = tuple(n for n, c in WAN_CONFIGS.items() if not c.needs_ckpt_dir)  # the tiny tasks
 log = logging.getLogger("wan")
 # per-component weights (wan.formats.WeightPaths), each winning over --ckpt_dir's; the layout is detected per file
 WEIGHT_FLAGS = {
@@ -37,10 +37,12 @@ WEIGHT_FLAGS = {
                 "expert folder (official, Diffusers transformer/) of the task's model (T2V or I2V); wins over "
                 "--ckpt_dir's",
     "dit_low": "the low-noise expert, as --dit_high",
-    "dit": "the DiT of a one-model task (the A14B tasks have two: --dit_high and --dit_low)",
+    "dit": "the DiT of a one-model task (ti2v-5B, ti2v-tiny), in any layout --dit_high takes; the A14B tasks have "
+           "two: --dit_high and --dit_low",
     "t5": "the umt5 text encoder: .pth, .safetensors (official or Hugging Face names, fp16, bf16, fp8_scaled) or a "
           "Diffusers text_encoder/ folder",
-    "vae": "the Wan 2.1 VAE: .pth, .safetensors or a Diffusers vae/ folder",
+    "vae": "the task's VAE: .pth, .safetensors or a Diffusers vae/ folder (the Wan 2.1 VAE; ti2v: the Wan 2.2 VAE, "
+           "Wan2.2_VAE.pth)",
     "tokenizer": "the umt5 tokenizer folder (default: --ckpt_dir's google/umt5-xxl/ or tokenizer/)",
 }
 _BLANK_CHARS = frozenset("\u115f\u1160\u3164\uffa0\u2800")  # fillers that render as nothing
@@ -116,21 +118,23 @@ def _fast_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description="Generate a video from a text prompt (and, for i2v, a first frame) with Wan 2.2 "
-                                   "T2V-A14B or I2V-A14B.")
+    p = ArgumentParser(description="Generate a video from a text prompt (and, for i2v and ti2v, a first frame) with "
+                                   "Wan 2.2 T2V-A14B, I2V-A14B or TI2V-5B.")
     sizes = "; ".join(f"{name}: {', '.join(cfg.supported_sizes)}" for name, cfg in WAN_CONFIGS.items())
     p.add_argument("--task", type=str, default="t2v-A14B",
-                   help=f"one of {', '.join(WAN_CONFIGS)} (t2v-tiny, i2v-tiny: built-in random models for CPU smoke "
-                        "runs)")
+                   help=f"one of {', '.join(WAN_CONFIGS)} ({', '.join(CPU_PRACTICAL_TASKS)}: built-in random models "
+                        "for CPU smoke runs)")
     p.add_argument("--size", type=str, default=None,
-                   help=f"WIDTH*HEIGHT ({sizes}); for i2v only its area counts, the aspect ratio is the image's; "
+                   help=f"WIDTH*HEIGHT ({sizes}); with an image (i2v, ti2v) only its area counts, the aspect ratio "
+                        "is the image's; "
                         f"default: the task's, {_per_task('default_size')}")
     p.add_argument("--frame_num", type=int, default=None,
                    help=f"frames, 4n+1, at most {MAX_FRAMES}; default: the task's, {_per_task('frame_num')}")
     p.add_argument("--ckpt_dir", type=str, default=None,
-                   help="the official Wan2.2-T2V-A14B (or -I2V-A14B) folder or the Diffusers one (model_index.json; "
-                        "required for t2v-A14B and i2v-A14B unless every component is given below); for the tiny "
-                        "tasks the folder their random checkpoint is written to (default: ~/.cache/wan22/)")
+                   help="the official Wan2.2-T2V-A14B (or -I2V-A14B, -TI2V-5B) folder or the Diffusers one "
+                        "(model_index.json; required for the full-size tasks unless every component is given below); "
+                        "for the tiny tasks the folder their random checkpoint is written to (default: "
+                        "~/.cache/wan22/)")
     for flag, what in WEIGHT_FLAGS.items():
         p.add_argument(f"--{flag}", type=str, default=None, metavar="DIR" if flag == "tokenizer" else "FILE",
                        help=what)
@@ -144,10 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch mode: one prompt per line (blank lines and lines starting with # are skipped); the "
                         "models load once, one video per prompt")
     p.add_argument("--image", type=str, default=None,
-                   help="i2v: the video's first frame (PNG, JPEG, WebP, ...; required for i2v tasks); its aspect "
+                   help="the video's first frame (PNG, JPEG, WebP, ...): required for i2v, optional for ti2v "
+                        "(without it, text to video); its aspect "
                         "ratio sets the video's")
     p.add_argument("--image_file", type=str, default=None,
-                   help="i2v batch mode, with --prompt_file: one image path per prompt line, in the same order "
+                   help="i2v / ti2v batch mode, with --prompt_file: one image path per prompt line, in the same order "
                         "(blank lines and lines starting with # are skipped)")
     p.add_argument("--use_prompt_extend", action="store_true", help="(reference flag; not supported here)")
     p.add_argument("--prompt_extend_method", type=str, default="local_qwen", choices=["dashscope", "local_qwen"],
@@ -213,8 +218,8 @@ class PromptLine:
     index: int  # position among the prompt lines (names the video in batch mode)
     lineno: int | None  # line in --prompt_file (None for --prompt)
     text: str
-    image: str | None = None  # i2v: the first frame's file (checked: it decodes)
-    video_size: tuple[int, int] | None = None  # i2v: (width, height) of the video, from the image and --size
+    image: str | None = None  # i2v / ti2v: the first frame's file (checked: it decodes)
+    video_size: tuple[int, int] | None = None  # with an image: (width, height) of the video, from it and --size
 
 
 def _read_lines(path: str, flag: str) -> str:
@@ -278,10 +283,14 @@ def _check_numbers(args, cfg) -> None:
         raise UsageError(f"--base_seed must be -1 (draw one) or in [0, 2**63), got {args.base_seed}")
 
 
-def _check_loras(args) -> None:
+def _check_loras(args, cfg) -> None:
     from .preflight import PathError, lora_files
 
     given = any(v is not None for v in (args.lora_dir, args.lora_high, args.lora_low))
+    if cfg.boundary is None and (given or args.distilled):
+        flag = "--distilled" if args.distilled and not given else "--lora_dir / --lora_high / --lora_low"
+        raise UsageError(f"{flag}: {args.task} has one DiT and no published LoRA or few-step preset; LoRAs are for "
+                         "the two-expert A14B tasks")
     strength = args.lora_strength
     if strength is not None:
         if not given:
@@ -350,7 +359,7 @@ def validate_args(args) -> None:
     _check_images(args, cfg)
     if args.use_prompt_extend:
         raise UsageError("--use_prompt_extend is not supported by this implementation; extend the prompt yourself")
-    _check_loras(args)
+    _check_loras(args, cfg)
     check_device(args.device, args.task)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
@@ -369,7 +378,7 @@ def _check_step_cache(args, cfg) -> None:
 
     opts = args.options
     try:
-        check_cache_request(opts, args.sample_steps, cfg.takes_image)
+        check_cache_request(opts, args.sample_steps, cfg.arch.model_type)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if opts.cache_calibrate is None:
@@ -388,7 +397,8 @@ def _check_step_cache(args, cfg) -> None:
 
 
 def _check_weight_paths(args, cfg) -> None:
-    """args.weight_paths (wan.formats.WeightPaths); --ckpt_dir may be left out only when every component is given."""
+    """args.weight_paths (wan.formats.WeightPaths); --ckpt_dir may be left out only when every component is given.
+    The DiT flags follow the task: --dit for a one-model task (ti2v), --dit_high and --dit_low for the A14B ones."""
     from .formats import WeightPaths
 
     args.weight_paths = WeightPaths(**{f: getattr(args, f) for f in WEIGHT_FLAGS})
@@ -396,17 +406,23 @@ def _check_weight_paths(args, cfg) -> None:
     for flag, path in given.items():
         if not path.exists():
             raise UsageError(f"--{flag} {path} does not exist")
-    if "dit" in given:
+    one_model = cfg.boundary is None
+    wrong = [f for f in (("dit_high", "dit_low") if one_model else ("dit",)) if f in given]
+    if wrong and one_model:
+        raise UsageError(f"--{wrong[0]}: {args.task} has one DiT; pass it with --dit FILE (--dit_high and --dit_low "
+                         "are for the two-expert A14B tasks)")
+    if wrong:
         raise UsageError(f"{args.task} has two experts: pass --dit_high FILE and --dit_low FILE (--dit is for "
                          "one-model tasks)")
     if cfg.needs_ckpt_dir and not args.ckpt_dir:
-        missing = [f"--{f} {'DIR' if f == 'tokenizer' else 'FILE'}" for f in ("dit_high", "dit_low", "t5", "vae",
-                                                                              "tokenizer") if f not in given]
-        if len(missing) == 5:
+        dits = ("dit",) if one_model else ("dit_high", "dit_low")
+        components = (*dits, "t5", "vae", "tokenizer")
+        missing = [f"--{f} {'DIR' if f == 'tokenizer' else 'FILE'}" for f in components if f not in given]
+        if len(missing) == len(components):
             name = cfg.checkpoint_name
             raise UsageError(f"--ckpt_dir is required for {args.task}: the folder of the official {name} download "
                              f"(huggingface-cli download Wan-AI/{name} --local-dir ./{name}), a Diffusers folder, or "
-                             "per-component files (--dit_high, --dit_low, --t5, --vae, --tokenizer)")
+                             f"per-component files ({', '.join('--' + f for f in components)})")
         if missing:
             raise UsageError(f"without --ckpt_dir every component needs its path: pass {', '.join(missing)}"
                              + (" (the google/umt5-xxl folder of the official download, or tokenizer/ of the "
@@ -467,8 +483,9 @@ def read_image_file(path: str) -> list[str]:
 
 
 def _check_images(args, cfg) -> None:
-    """i2v: every prompt gets its first frame, decoded once here (before anything loads) with the video size it
-    gives; a bad --image is a usage error, a bad --image_file line makes its prompt a bad line (skipped)."""
+    """i2v (and ti2v when given one): every prompt gets its first frame, decoded once here (before anything loads)
+    with the video size it gives; a bad --image is a usage error, a bad --image_file line makes its prompt a bad line
+    (skipped). ti2v without an image is text-to-video."""
     if not cfg.takes_image:
         if args.image is not None or args.image_file is not None:
             i2v = ", ".join(n for n, c in WAN_CONFIGS.items() if c.takes_image)
@@ -488,12 +505,17 @@ def _check_images(args, cfg) -> None:
                              f"of {args.prompt_file}; give one image per prompt line, in the same order")
         images = {p.index: paths[p.index] for p in args.prompts}
     elif args.image is None:
+        if not cfg.needs_image:  # ti2v: text to video
+            return
         raise UsageError(f"{args.task} needs --image PATH, the video's first frame (or --image_file with "
                          "--prompt_file)")
     else:
         images = {p.index: args.image for p in args.prompts}
     from .image_condition import i2v_geometry
+    from .ti2v_inputs import ti2v_geometry
     from .utils.image import ImageInputError, load_image
+
+    geometry = ti2v_geometry if cfg.arch.model_type == "ti2v" else i2v_geometry
 
     checked: dict[str, tuple[int, int] | str] = {}  # path -> video size, or why it cannot be used
     good = []
@@ -506,7 +528,7 @@ def _check_images(args, cfg) -> None:
                 for note in loaded.notes:
                     log.warning("%s %s: %s", flag, path, note)
                 w, h = loaded.size
-                geo = i2v_geometry(w, h, MAX_AREA_CONFIGS[args.size], cfg.vae_stride, cfg.patch_size)
+                geo = geometry(w, h, MAX_AREA_CONFIGS[args.size], cfg.vae_stride, cfg.patch_size)
                 checked[path] = (geo.width, geo.height)
             except ImageInputError as exc:
                 checked[path] = str(exc)
@@ -525,7 +547,7 @@ def _check_images(args, cfg) -> None:
 
 
 def plan_size(args) -> tuple[int, int]:
-    """(width, height) the memory plan sizes for: --size, or for i2v the largest video the images give."""
+    """(width, height) the memory plan sizes for: --size, or with images the largest video they give."""
     sizes = [p.video_size for p in getattr(args, "prompts", ()) if p.video_size is not None]
     return max(sizes, key=lambda s: s[0] * s[1]) if sizes else size_tuple(args.size)
 

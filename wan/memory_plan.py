@@ -12,6 +12,11 @@ Image-to-video adds two things: its experts' 36-channel patch embedding (in `dit
 the VAE encode of the condition (the image and F - 1 black frames at the video's size), an "encode" phase between
 the text encoding and the denoising. Its cost per pixel is an ESTIMATE, not a GPU measurement: see
 VAE_ENCODE_BYTES_PER_PIXEL.
+
+TI2V-5B (one model, the Wan 2.2 VAE): every cost of it is an ESTIMATE until measured (benchmarks/backlog.py rows
+ti2v_*): the activations per token scaled from the A14B measurement by the FFN's live set, plus its per-token time
+embedding (image mode); the Wan 2.2 VAE's decode and one-frame encode from live-tensor counts
+(benchmarks/results/cpu_720p_vae22_*_counts.json) times the Wan 2.1 decode's measured-over-counted ratio.
 """
 from __future__ import annotations
 
@@ -40,6 +45,14 @@ VAE_BANDED_FRACTION = {"fp32": 0.30, "bf16": 0.31}
 # little more (one layer's old cache slots until compared, and the reused prefix's output: at 720p fp32 at most about
 # 2.8 GB, from the shapes), not counted here; tests/test_gpu_vae.py records both peaks.
 VAE_ENCODE_BYTES_PER_PIXEL = {"fp32": 225.0, "bf16": 115.0}
+# The Wan 2.2 VAE (TI2V-5B), ESTIMATES: live-tensor counts at 1280 x 704 x 121 (benchmarks/vae_memory.py --vae 2.2:
+# whole-frame decode 19.30 / 9.65 GiB fp32 / bf16 = 190.0 / 95.0 bytes per output pixel and frame; band order, split
+# 0, 4 bands: 0.29 of it at +40% decode work; the one-frame encode of the image 1.65 / 0.82 GiB = 1966 / 983 bytes per
+# pixel of that frame), times 1.19 / 1.14 as the 2.1 estimates above, rounded up. Not yet measured on a GPU.
+VAE_COSTS = {  # version -> (decode bytes per pixel, banded fraction, encode bytes per encoded pixel), per dtype
+    "2.1": (VAE_BYTES_PER_PIXEL, VAE_BANDED_FRACTION, VAE_ENCODE_BYTES_PER_PIXEL),
+    "2.2": ({"fp32": 227.0, "bf16": 109.0}, {"fp32": 0.30, "bf16": 0.30}, {"fp32": 2340.0, "bf16": 1121.0}),
+}
 # Block streaming also streams T5 by layers (wan/placement.py): 2 slots of one of umt5-xxl's 24 equal blocks, which
 # hold 81.6% of its weights (the token embedding, 256,384 x 4,096, stays on the host): 2 x 0.816 / 24 of T5's bytes.
 T5_STREAMED_FRACTION = 2 * 0.816 / 24
@@ -55,6 +68,19 @@ HEADROOM = 1.05  # allocator fragmentation on top of the estimate
 # 18.6 reserved, with expandable segments): a plan fits only with this much of the budget left over. Without it an
 # 80 GB H100 (84.5 GB free) took the whole-frame 720p decode at a planned 83.5 GB and 1 GB to spare.
 MARGIN_FRACTION, MARGIN_MIN_GB = 0.05, 1.0
+
+
+def activation_bytes_per_token(arch, per_token_time: bool = False) -> float:
+    """Activation bytes per token and batch sample of the compiled --fast forward: measured for the A14B DiT; for
+    another width an ESTIMATE scaled by the FFN's live set at its peak, 6 d + 4 f bytes (fp32 residual, bf16 input,
+    two bf16 [tokens, f] intermediates: 86 KB for A14B against the 84 KB measured). `per_token_time` (TI2V image
+    mode) adds the per-token time embedding kept for the whole forward: e0 [L, 6, d] and e [L, d] in fp32, 28 d."""
+    live = 6 * arch.dim + 4 * arch.ffn_dim
+    base = ACTIVATION_BYTES_PER_TOKEN * live / (6 * A14B_DIM + 4 * A14B_FFN)
+    return base + (28 * arch.dim if per_token_time else 0.0)
+
+
+A14B_DIM, A14B_FFN = 5120, 13824  # where ACTIVATION_BYTES_PER_TOKEN was measured
 
 
 def margin_gb(budget_gb: float) -> float:
@@ -74,7 +100,8 @@ def dit_bytes(arch, bytes_per_param: int, fp8_linear: str = "none") -> tuple[flo
     block = 4 * (d * d + d) * 2 + 2 * d * 2 + 2 * d + 6 * d + (f * d + f) + (d * f + d)  # attn x2, norms, mod, ffn
     patch = arch.in_dim * 4 * d + d
     rest = patch + (arch.text_dim * d + d) + (d * d + d) + (arch.freq_dim * d + d) + (d * d + d) + (d * 6 * d + 6 * d)
-    rest += 64 * d + 64 + 2 * d
+    head = math.prod(arch.patch_size) * arch.out_dim  # 64 for the 16-channel experts, 192 for TI2V-5B
+    rest += head * d + head + 2 * d
     fp8 = {"none": (0, 0), "ffn": (2 * f * d, f + d), "attn_proj": (6 * d * d, 6 * d)}  # (weights, output rows)
     fp8["all"] = tuple(a + b for a, b in zip(fp8["ffn"], fp8["attn_proj"]))
     weights, rows = fp8[fp8_linear]
@@ -106,22 +133,25 @@ def cache_bytes(method: str, arch, tokens: int, latent_elements: int) -> float:
 
 def estimate(placement: str, arch, tokens: int, batch: int, pixels: int, bytes_per_param: int, vae_dtype: str,
              t5_bytes: float, t5_cpu: bool, slots: int = 2, vae_bands: int = 0, fp8_linear: str = "none",
-             encode_pixels: int = 0, step_cache: float = 0.0) -> MemoryPlan:
-    """Peak GB of each phase of one generation for `placement`; `encode_pixels` > 0 (I2V) adds the condition's
-    encode phase; `step_cache` (bytes, `cache_bytes`) is held through the denoising."""
+             encode_pixels: int = 0, n_models: int = 2, vae_version: str = "2.1", per_token_time: bool = False,
+             step_cache: float = 0.0) -> MemoryPlan:
+    """Peak GB of each phase of one generation for `placement`; `encode_pixels` > 0 (I2V, TI2V with an image) adds
+    the encode phase; `n_models` DiTs (2 experts, or 1), `vae_version` "2.1" or "2.2" (its costs: VAE_COSTS);
+    `step_cache` (bytes, `cache_bytes`) is held through the denoising."""
+    decode_cost, banded, encode_cost = VAE_COSTS[vae_version]
     block, rest = dit_bytes(arch, bytes_per_param, fp8_linear)
     expert = block * arch.num_layers + rest
-    act = ACTIVATION_BYTES_PER_TOKEN * tokens * batch + step_cache
-    vae = VAE_BYTES_PER_PIXEL[vae_dtype] * pixels * (VAE_BANDED_FRACTION[vae_dtype] if vae_bands > 1 else 1.0)
+    act = activation_bytes_per_token(arch, per_token_time) * tokens * batch + step_cache
+    vae = decode_cost[vae_dtype] * pixels * (banded[vae_dtype] if vae_bands > 1 else 1.0)
     t5 = 0.0 if t5_cpu else t5_bytes
-    enc = VAE_ENCODE_BYTES_PER_PIXEL[vae_dtype] * encode_pixels
+    enc = encode_cost[vae_dtype] * encode_pixels
     if placement == "resident":
-        base = 2 * expert
+        base = n_models * expert
         phases = {"text": base + t5, "encode": base + enc, "denoise": base + act, "decode": base + vae}
     elif placement == "offload":  # experts move up at the first step and down before the decode; T5 encodes alone
         phases = {"text": t5, "encode": enc, "denoise": expert + act, "decode": vae}
     elif placement == "stream":  # T5 streamed by layers too
-        base = 2 * rest + slots * block
+        base = n_models * rest + slots * block
         phases = {"text": base + t5 * T5_STREAMED_FRACTION, "encode": base + enc, "denoise": base + act,
                   "decode": base + vae}
     else:
@@ -145,12 +175,14 @@ def plan_inputs(config, options, size_frames: tuple[int, int, int], t5_bytes: fl
     sf, sh, sw = config.vae_stride
     latent = ((frames - 1) // sf + 1) * (h // sh) * (w // sw)  # per channel
     tokens = latent // 4  # patch 1 x 2 x 2
+    kind = config.arch.model_type  # i2v encodes F frames; ti2v (planned with its image) one
+    encode_pixels = {"i2v": w * h * frames, "ti2v": w * h}.get(kind, 0)
     method = "calibrate" if options.cache_calibrate is not None else options.cache
     return dict(arch=config.arch, tokens=tokens, batch=2 if options.batched_cfg else 1, pixels=w * h * frames,
                 bytes_per_param=2 if options.convert_model_dtype else 4, vae_dtype=options.vae_dtype,
                 t5_bytes=t5_bytes, t5_cpu=options.t5_cpu, slots=options.stream_blocks or 2,
-                vae_bands=options.vae_bands, fp8_linear=options.fp8_linear,
-                encode_pixels=w * h * frames if config.takes_image else 0,
+                vae_bands=options.vae_bands, fp8_linear=options.fp8_linear, encode_pixels=encode_pixels,
+                n_models=len(config.experts), vae_version=config.vae_version, per_token_time=kind == "ti2v",
                 step_cache=cache_bytes(method, config.arch, tokens, latent * config.arch.out_dim))
 
 

@@ -106,7 +106,8 @@ class RuntimeOptions:
         f"easycache: the first N steps are computed; default: the published {EASYCACHE['t2v'].warmup}", metavar="N"))
     cache_ratios: str | None = field(default=None, metadata=_call(
         "magcache: magnitude ratios measured with --cache_calibrate (JSON) instead of the published ones for the "
-        "task; resampled (nearest) to the step count; default: the published T2V-A14B / I2V-A14B ratios",
+        "task; resampled (nearest) to the step count; default: the published T2V-A14B / I2V-A14B ratios (ti2v has "
+        "none: required there)",
         metavar="FILE"))
     cache_calibrate: str | None = field(default=None, metadata=_call(
         "a normal run (nothing reused: the uncached result) that also measures the magcache ratios on these weights, "

@@ -1,6 +1,8 @@
-"""`WanPipeline`: what the text-to-video and image-to-video pipelines share (two experts, two CFG passes per step),
-with opt-in speed flags. `WanT2V` (wan/text2video.py) and `WanI2V` (wan/image2video.py) add only their inputs:
-the geometry, the initial noise and, for I2V, the image condition `y` passed to the DiT.
+"""`WanPipeline`: what the text-to-video and image-to-video pipelines share (two experts, or one model for TI2V-5B;
+two CFG passes per step), with opt-in speed flags. `WanT2V` (wan/text2video.py), `WanI2V` (wan/image2video.py) and
+`WanTI2V` (wan/textimage2video.py) add only their inputs: the geometry, the initial noise and, for I2V, the image
+condition `y` passed to the DiT; for TI2V's image mode, a latent constraint (wan/latent_constraint.py) the loop
+applies before the first step and after every step, and whose per-token timesteps the DiT gets.
 
 Who decides what, once:
 - build time (`__init__`): the load-time options (`wan.options`, lifetime "load"), the weights (`wan.formats`:
@@ -11,8 +13,11 @@ Who decides what, once:
   batched CFG) and a guidance strategy per expert (`wan.guidance`); process-global backend flags and the built
   configuration are restored when the call ends;
 - per generation (`_start`, `_encode_text`, `sample`, `_finish`): the result record, T5, the denoising loop (expert
-  per step, guidance, scheduler, and the step cache's policy when options.cache asks for one: `wan.step_cache`) and
-  the VAE decode on rank 0.
+  per step, guidance, scheduler, the TI2V latent constraint, and the step cache's policy when options.cache asks
+  for one: `wan.step_cache`) and the VAE decode on rank 0.
+The DiTs are `self.models` by the name the loop uses: {"high", "low"} (A14B: an expert switch at the boundary) or
+{"model"} (TI2V-5B: TaskConfig.boundary None, no switch; `high_noise_model` and `low_noise_model` then both name it).
+The step cache keeps its state per name in that trace, so a one-model task is one segment.
 """
 from __future__ import annotations
 
@@ -35,7 +40,9 @@ from .modules.checkpoint import load_dit
 from .modules.model import WanModel
 from .modules.qk_rope import check_request, resolve_qk_rope
 from .modules.t5 import T5EncoderModel
-from .modules.vae import VAE_DTYPES, Wan2_1_VAE
+from .latent_constraint import NO_CONSTRAINT
+from .modules.vae import VAE_DTYPES
+from .modules.vae2_2 import VAE_CLASSES
 from .options import LOAD_FIELDS, RuntimeOptions
 from .placement import choose_placement
 from .preflight import LORA_NAMES
@@ -92,7 +99,7 @@ class GenerationResult:
     seed: int
     steps: int
     solver: str
-    expert_trace: list = field(default_factory=list)  # "high" / "low" per step
+    expert_trace: list = field(default_factory=list)  # "high" / "low" per step ("model" for one-model tasks)
     timings: dict = field(default_factory=dict)  # stage -> seconds (text_encode, dit_high, dit_low, vae_decode, ...)
     options: RuntimeOptions | None = None  # the resolved options that ran
     backends: dict = field(default_factory=dict)  # attention, rope, time embedding, guidance per expert, placement
@@ -101,7 +108,7 @@ class GenerationResult:
 
 
 class WanPipeline:
-    """The build and the per-call machinery of a two-expert Wan 2.2 pipeline (see the module docstring)."""
+    """The build and the per-call machinery of a Wan 2.2 pipeline (see the module docstring)."""
 
     def __init__(self, config: TaskConfig, checkpoint_dir, device_id: int = 0, rank: int = 0, t5_fsdp: bool = False,
                  dit_fsdp: bool = False, use_sp: bool = False, t5_cpu: bool = False, convert_model_dtype: bool = False,
@@ -170,12 +177,12 @@ class WanPipeline:
         t0 = time.perf_counter()
         self._load(checkpoint_dir, components, fp8_kernel)
         self._convert_fp8(fp8_kernel)  # after any LoRA merge, before the placement moves the experts
-        self.placement.attach({"high": self.high_noise_model, "low": self.low_noise_model}, self.text_encoder)
+        self.placement.attach(self.models, self.text_encoder)
         if self.options.max_gpu_memory:  # capped once the weights are placed (benchmarks build them on the GPU)
             from .memory_plan import bound_allocator
 
             self.allocator = bound_allocator(self.device, self.options.max_gpu_memory)
-        for model in (self.low_noise_model, self.high_noise_model):
+        for model in self.models.values():
             model.set_sequence_parallel(self.sp_group)
         self._configure_call(self.options)
         self.load_seconds = time.perf_counter() - t0
@@ -183,6 +190,13 @@ class WanPipeline:
         log.info("loaded in %.1f s; %s; DiT %s; VAE %s; options %s", self.load_seconds, self.placement.describe(),
                  next(self.high_noise_model.parameters()).dtype, self.options.vae_dtype,
                  self.options.changed() or "original path")
+
+    @property
+    def models(self) -> dict:
+        """The DiTs by the name the sample loop uses: {"high": ..., "low": ...}, or {"model": ...} (one-model task)."""
+        if self.config.boundary is None:
+            return {"model": self.model}
+        return {"high": self.high_noise_model, "low": self.low_noise_model}
 
     @property
     def offload_model(self) -> bool:
@@ -244,10 +258,11 @@ class WanPipeline:
 
         t0 = time.perf_counter()
         done: dict = {}  # one expert object may serve both noise levels (benchmarks)
-        for expert, model in (("high", self.high_noise_model), ("low", self.low_noise_model)):
+        for expert, model in self.models.items():
             if id(model) not in done:
                 done[id(model)] = convert_linears_to_fp8_(model, self.options.fp8_linear, kernel, self.device)
-                log.info("fp8 %s-noise expert: %s", expert, done[id(model)].describe())
+                log.info("fp8 %s: %s", "model" if expert == "model" else f"{expert}-noise expert",
+                         done[id(model)].describe())
             self.fp8[expert] = done[id(model)]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -255,6 +270,9 @@ class WanPipeline:
 
     def _lora_files(self, lora_dir, lora_high, lora_low, strength) -> dict:
         """{"high": (path, strength), "low": ...}: explicit per-expert files win over lora_dir's."""
+        if self.config.boundary is None and (lora_dir or lora_high or lora_low):
+            raise ValueError(f"{self.config.name} has one DiT and no LoRA layout is published for it; LoRAs "
+                             "(--lora_dir, --lora_high, --lora_low) are for the two-expert A14B tasks")
         s = (float(strength), float(strength)) if isinstance(strength, (int, float)) else tuple(map(float, strength))
         if len(s) != 2:
             raise ValueError(f"lora_strength must be one number or (high, low), got {strength!r}")
@@ -291,13 +309,17 @@ class WanPipeline:
         vae_dtype = VAE_DTYPES[self.options.vae_dtype]
         if components is not None:
             self.text_encoder, self.vae = components["text_encoder"], components["vae"]
-            self.low_noise_model, self.high_noise_model = components["low_noise_model"], components["high_noise_model"]
+            if self.config.boundary is None:  # one model: components["model"]
+                self.model = self.low_noise_model = self.high_noise_model = components["model"]
+            else:
+                self.low_noise_model = components["low_noise_model"]
+                self.high_noise_model = components["high_noise_model"]
             if self.vae is not None and self.vae.dtype != vae_dtype:
                 raise ValueError(f"the given VAE is {self.vae.dtype}, options ask for "
                                  f"vae_dtype={self.options.vae_dtype}")
             if self.vae is not None:
                 self.vae.decode_bands = self.options.vae_bands  # a decode mode, not a weight change
-            for expert, model in (("high", self.high_noise_model), ("low", self.low_noise_model)):
+            for expert, model in self.models.items():
                 if expert in self.loras:
                     from .lora import merge_lora_
 
@@ -312,10 +334,14 @@ class WanPipeline:
         self.text_encoder = T5EncoderModel(
             text_len=self.config.text_len, dtype=self.config.t5_dtype, device=torch.device("cpu"),
             checkpoint_path=files.t5, tokenizer_path=str(files.tokenizer))
-        self.vae = Wan2_1_VAE(vae_pth=files.vae, dtype=vae_dtype, device=self.device,
-                              decode_bands=self.options.vae_bands)
+        self.vae = VAE_CLASSES[self.config.vae_version](vae_pth=files.vae, dtype=vae_dtype, device=self.device,
+                                                        decode_bands=self.options.vae_bands)
         dev = self.placement.load_device
         fp8 = (self.options.fp8_linear, fp8_kernel) if self.options.fp8_linear != "none" else None
+        if self.config.boundary is None:  # one model (TI2V-5B): --dit, or the folder's DiT
+            self.model = load_dit(WanModel, files.model, dit_dtype, dev, fp8=fp8)
+            self.low_noise_model = self.high_noise_model = self.model
+            return
         self.low_noise_model = load_dit(WanModel, files.low, dit_dtype, dev, transform=loras["low"], fp8=fp8)
         self.high_noise_model = load_dit(WanModel, files.high, dit_dtype, dev, transform=loras["high"], fp8=fp8)
         for expert, lora in loras.items():
@@ -351,7 +377,7 @@ class WanPipeline:
             self._attention_cache[options.attn_backend] = resolve_attention(options.attn_backend, self.device)
         self.attention = self._attention_cache[options.attn_backend]
         qk_rope = self._fused_qk_rope(options)
-        for model in (self.low_noise_model, self.high_noise_model):
+        for model in self.models.values():
             model.configure(self.attention, fast_rope=options.fast_rope,
                             fast_time_embedding=options.fast_time_embedding, qk_rope=qk_rope,
                             ffn_chunks=options.ffn_chunks)
@@ -382,11 +408,20 @@ class WanPipeline:
         if (frame_num - 1) % 4 != 0 or frame_num < 1:
             raise ValueError(f"frame_num must be 4n+1 (e.g. 77 or 81), got {frame_num}")
         if steps is not None:  # few-step runs refused, the ratio file read: before T5 runs
-            check_cache_request(opts, steps, self.config.takes_image)
+            check_cache_request(opts, steps, self.config.arch.model_type)
         guide = (guide_scale, guide_scale) if isinstance(guide_scale, (int, float)) else tuple(guide_scale)
-        guidance = {"low": choose_guidance(guide[0], opts.batched_cfg, self.cfg_group, self.cfg_rank),
-                    "high": choose_guidance(guide[1], opts.batched_cfg, self.cfg_group, self.cfg_rank)}
-        return opts, guide, guidance
+        return opts, guide, self._guidance(guide, opts.batched_cfg)
+
+    def _guidance(self, guide: tuple[float, float], batched: bool) -> dict:
+        """A guidance strategy per DiT name: the high-noise expert gets guide[1], every other model guide[0]."""
+        return {name: choose_guidance(guide[1] if name == "high" else guide[0], batched, self.cfg_group,
+                                      self.cfg_rank) for name in self.models}
+
+    def _expert_trace(self, timesteps: list) -> list[str]:
+        """The DiT name per step: the expert for t (t >= boundary: high), or "model" throughout (one model)."""
+        if self.boundary is None:
+            return ["model"] * len(timesteps)
+        return [expert_for_timestep(t, self.boundary * self.num_train_timesteps) for t in timesteps]
 
     @contextmanager
     def _configured(self, opts: RuntimeOptions):
@@ -440,7 +475,7 @@ class WanPipeline:
 
     def backends(self, guidance: dict | None = None) -> dict:
         """What runs: kernels, RoPE and time-embedding forms, compile, guidance, placement, LoRAs."""
-        model = self.high_noise_model
+        model = next(iter(self.models.values()))
         out = {"attention": self.attention.name, "rope": model.rope.name,
                "qk_norm_rope": model.qk_rope.name if model.qk_rope else "norm, then RoPE (reference)",
                "time_embedding": "per sample" if model.fast_time_embedding else "per token (reference)",
@@ -449,7 +484,7 @@ class WanPipeline:
                "placement": self.placement.name, "sequence_parallel": self.sp_size,
                "loras": {e: f"{p.name} x {s}" for e, (p, s) in self.loras.items()},
                "fp8_linear": {e: s.describe() for e, s in self.fp8.items()} if self.fp8 else "off"}
-        cache = resolve(self.call_options, self.config.takes_image)
+        cache = resolve(self.call_options, self.config.arch.model_type)
         out["step_cache"] = cache.describe() if cache else "off"
         if guidance:
             out["guidance"] = {k: g.name for k, g in guidance.items()}
@@ -467,37 +502,38 @@ class WanPipeline:
     def sample(self, noise, context, context_null, seq_len: int, sample_solver: str, sampling_steps: int,
                shift: float, guide: tuple[float, float], timer: StageTimer | None = None, max_steps: int | None = None,
                step_callback=None, guidance: dict | None = None, result: GenerationResult | None = None,
-               y: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+               y: torch.Tensor | None = None, constraint=NO_CONSTRAINT, cache=None) -> torch.Tensor:
         """The denoising loop: noise [C, F, H, W] -> latent. No host sync inside the loop except at the (single)
         expert switch (and where an adaptive step cache decides); `max_steps` stops early;
-        `step_callback(i, t, expert, prediction)` runs after each step. `guidance` ({"high": strategy, "low":
-        strategy}) defaults to what the call options choose, and so does `cache` (a `wan.step_cache` policy for this
-        loop, or None with the cache off). `y` (I2V): the condition [C_y, F, H, W] given to the DiT with every pass,
-        the same for both CFG branches."""
+        `step_callback(i, t, expert, prediction)` runs after each step. `guidance` ({name: strategy} per DiT name)
+        defaults to what the call options choose, and so does `cache` (a `wan.step_cache` policy for this loop, or
+        None with the cache off). `y` (I2V): the condition [C_y, F, H, W] given to the DiT with every pass, the same
+        for both CFG branches. `constraint` (TI2V image mode, wan/latent_constraint.py): applied to the noise and
+        after every scheduler step, and it gives the timesteps the DiT sees (per token); the default changes
+        nothing."""
         timer = timer or StageTimer(self.device)
         if guidance is None:
-            guidance = {e: choose_guidance(guide[i], self.call_options.batched_cfg, self.cfg_group, self.cfg_rank)
-                        for i, e in enumerate(("low", "high"))}
+            guidance = self._guidance(guide, self.call_options.batched_cfg)
         scheduler, timesteps = build_scheduler(sample_solver, sampling_steps, shift, self.device,
                                                self.num_train_timesteps)
         scheduler.set_begin_index(0)  # no timestep lookup (a device sync) at the first step
         t_all = timesteps.tolist()  # one sync here
         t_host = t_all[:max_steps]
-        boundary = self.boundary * self.num_train_timesteps
-        trace_all = [expert_for_timestep(t, boundary) for t in t_all]  # the whole schedule, for the step cache
+        trace_all = self._expert_trace(t_all)  # the whole schedule, for the step cache
         trace = trace_all[:len(t_host)]
-        log.info("%d steps (%d high-noise, %d low-noise); guidance %s", len(t_host), trace.count("high"),
-                 trace.count("low"), {k: g.name for k, g in guidance.items()})
+        log.info("%d steps (%s); guidance %s", len(t_host), "one model" if self.boundary is None else
+                 f"{trace.count('high')} high-noise, {trace.count('low')} low-noise",
+                 {k: g.name for k, g in guidance.items()})
         if result is not None:
             result.expert_trace = trace
         if cache is None:  # one policy per generation: nothing carries over from an earlier one
-            cache = choose_step_cache(self.call_options, self.config.takes_image, trace_all, guidance,
+            cache = choose_step_cache(self.call_options, self.config.arch.model_type, trace_all, guidance,
                                       device=self.device, seq_len=seq_len, sp_group=self.sp_group,
                                       cfg_group=self.cfg_group, rank=self.rank,
                                       measured=self._calibration_record(noise, seq_len, sample_solver,
                                                                         sampling_steps, shift, guide, trace_all,
                                                                         result))
-        latent, current, model = noise, None, None
+        latent, current, model = constraint.apply(noise), None, None
         autocast = torch.autocast(self.device.type, dtype=self.config.param_dtype, enabled=self.device.type == "cuda")
         bar = tqdm(t_host, desc="denoise", unit="step", disable=self.rank != 0)
         with autocast:
@@ -513,10 +549,10 @@ class WanPipeline:
                 g = guide[1] if expert == "high" else guide[0]
                 # the step cache (if on) hands out this step's DiT: computing, or reusing an earlier step's work
                 step_model = model if cache is None else cache.model_for_step(i, expert, model, latent)
-                noise_pred = guidance[expert](step_model, latent, timesteps[i:i + 1], context, context_null, seq_len,
-                                              g, y=y)
+                noise_pred = guidance[expert](step_model, latent, constraint.timesteps(timesteps[i:i + 1]), context,
+                                              context_null, seq_len, g, y=y)
                 latent = scheduler.step(noise_pred.unsqueeze(0), t, latent.unsqueeze(0), return_dict=False)[0]
-                latent = latent.squeeze(0)
+                latent = constraint.apply(latent.squeeze(0))
                 if step_callback is not None:
                     step_callback(i, t, expert, noise_pred)
                 bar.set_postfix(expert=expert, t=round(float(t), 2))

@@ -22,7 +22,7 @@ from .modules.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME
 
 LORA_NAMES = {"high": "high_noise_model.safetensors", "low": "low_noise_model.safetensors"}  # Lightning layout
 DOWNLOAD_HINT = ("download it with: huggingface-cli download Wan-AI/Wan2.2-T2V-A14B --local-dir ./Wan2.2-T2V-A14B "
-                 "(Wan2.2-I2V-A14B for the i2v task)")
+                 "(Wan2.2-I2V-A14B for the i2v task, Wan2.2-TI2V-5B for ti2v)")
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                 "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
@@ -100,12 +100,13 @@ def read_safetensors_header(path) -> dict:
     return header
 
 
-def check_torch_file(path, what: str) -> None:
+def check_torch_file(path, what: str, download: str = "Wan2.2-T2V-A14B") -> None:
     """A torch.save file: exists, non-empty, a readable zip whose pickle loads with weights_only=True (tensor data
-    memory-mapped, not read) and holds a dict of tensors. A legacy (pre-zip) file is checked by its magic only."""
+    memory-mapped, not read) and holds a dict of tensors. A legacy (pre-zip) file is checked by its magic only.
+    `download`: the official checkpoint the file ships with (named when it is missing)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"missing {path} ({what}; part of the official Wan2.2-T2V-A14B download); "
+        raise FileNotFoundError(f"missing {path} ({what}; part of the official {download} download); "
                                 f"{DOWNLOAD_HINT}")
     size = path.stat().st_size
     if size == 0:

@@ -9,9 +9,10 @@ policy at all: the loop and the forward are the original ones.
 
 - `MagCache` (arXiv 2506.09045): reuses the block stack's residual r = blocks(x) - x of each branch. Its schedule
   depends only on a magnitude-ratio curve (published for T2V-A14B and I2V-A14B: wan/configs/magcache_*.json, or
-  measured with `MagCalibration`) and the settings, so it is known, logged and recorded before the first step and
-  needs no host sync. A reused call runs the embeddings, x + r and the head (`WanModel.forward_residual`): no block,
-  so nothing is streamed (block streaming) and nothing compiled is touched (compile).
+  measured with `MagCalibration`: required for TI2V-5B, which has no published curve) and the settings, so it is
+  known, logged and recorded before the first step and needs no host sync. A reused call runs the embeddings, x + r
+  and the head (`WanModel.forward_residual`): no block, so nothing is streamed (block streaming) and nothing compiled
+  is touched (compile).
 - `EasyCache` (arXiv 2507.02860): reuses the whole model's update (the transformation v - x of each branch; a
   reused call runs no model op), deciding from the transformation rate measured between the last two computed
   steps. Adaptive: one host sync per step it decides.
@@ -23,7 +24,8 @@ re-implementation in tests/test_step_cache.py):
 - one decision per step for every CFG branch (the batch-2 forward, two passes, CFG parallel): MagCache decides on the
   mean of its cond and uncond curves, EasyCache on the cond branch (as published);
 - state per expert: the first step of each expert is computed and no residual, error or rate crosses the expert
-  switch (both published codes keep one state across the two experts);
+  switch (both published codes keep one state across the two experts); a one-model task (TI2V-5B, trace "model"
+  throughout) is one segment with one state;
 - the last step is always computed (EasyCache publishes it; MagCache's ratios make it so only at moderate settings);
 - a fresh policy per generation (the published codes keep their counters from one video to the next);
 - MagCache's retention counts steps per expert: round(retention x the expert's steps), at least one, are computed at
@@ -66,16 +68,25 @@ class EasySettings:
 
 
 # Zehong-Ma/MagCache, MagCache4Wan2.2 README: T2V-A14B "E006K2R04", I2V-A14B thresh 0.06, K 2, retention 0.1 with
-# the i2v mode (the whole high-noise phase computed).
+# the i2v mode (the whole high-noise phase computed). TI2V-5B (one model): no curve of ours to ship, so its magcache
+# needs --cache_ratios FILE (measured with --cache_calibrate); the other settings default to T2V-A14B's (text and
+# image mode alike: the image only fixes the first latent frame), not tuned for the 5B model.
 MAGCACHE = {"t2v": MagSettings("magcache_t2v_A14B.json", 0.06, 2, 0.4),
-            "i2v": MagSettings("magcache_i2v_A14B.json", 0.06, 2, 0.1, uncached=("high",))}
+            "i2v": MagSettings("magcache_i2v_A14B.json", 0.06, 2, 0.1, uncached=("high",)),
+            "ti2v": MagSettings("", 0.06, 2, 0.4)}
 # H-EmbodVis/EasyCache, EasyCache4Wan2.2/easycache_generate.py (3d4ba21): --thresh_t2v 0.06, --thresh_i2v 0.05,
-# --ret_steps 7.
-EASYCACHE = {"t2v": EasySettings(0.06, 7), "i2v": EasySettings(0.05, 7)}
+# --ret_steps 7. TI2V-5B: the T2V setting (not published for it).
+EASYCACHE = {"t2v": EasySettings(0.06, 7), "i2v": EasySettings(0.05, 7), "ti2v": EasySettings(0.06, 7)}
 
 
-def task_kind(takes_image: bool) -> str:
-    return "i2v" if takes_image else "t2v"
+def task_kind(task) -> str:
+    """The settings' key: a model type ("t2v", "i2v", "ti2v": TaskConfig.arch.model_type), or the older boolean
+    takes_image (True: i2v, False: t2v)."""
+    if isinstance(task, str):
+        if task not in MAGCACHE:
+            raise ValueError(f"no step-cache settings for task kind {task!r}; one of {', '.join(MAGCACHE)}")
+        return task
+    return "i2v" if task else "t2v"
 
 
 # ---- options: checks and the resolved settings --------------------------------------------------------------------
@@ -137,13 +148,19 @@ class CacheSettings:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
 
 
-def resolve(opts, takes_image: bool) -> CacheSettings | None:
-    """The call's cache settings (None: the cache is off and nothing is calibrated)."""
-    kind = task_kind(takes_image)
+def resolve(opts, task) -> CacheSettings | None:
+    """The call's cache settings (None: the cache is off and nothing is calibrated). `task`: the model type (see
+    `task_kind`). A task without a published ratio curve (ti2v) needs opts.cache_ratios for magcache: a one-line
+    ValueError otherwise."""
+    kind = task_kind(task)
     if opts.cache_calibrate is not None:
         return CacheSettings("calibrate", calibrate=Path(opts.cache_calibrate))
     if opts.cache == "magcache":
         pub = MAGCACHE[kind]
+        if not pub.ratios and not opts.cache_ratios:
+            raise ValueError(f"--cache magcache needs --cache_ratios FILE for {kind}: MagCache's published ratio "
+                             "curves are for T2V-A14B and I2V-A14B only; measure this model's once with "
+                             "--cache_calibrate FILE (a normal run), or use --cache easycache")
         return CacheSettings("magcache", _given(opts.cache_thresh, pub.thresh), _given(opts.cache_max_skip,
                              pub.max_skip), _given(opts.cache_retention, pub.retention), uncached=pub.uncached,
                              ratios=Path(opts.cache_ratios) if opts.cache_ratios else DATA / pub.ratios)
@@ -158,10 +175,11 @@ def _given(value, default):
     return default if value is None else value
 
 
-def check_cache_request(opts, steps: int, takes_image: bool) -> CacheSettings | None:
-    """Before anything runs: the step count (few-step runs are refused) and the ratio file (read and checked).
-    Returns the resolved settings (None when off)."""
-    settings = resolve(opts, takes_image)
+def check_cache_request(opts, steps: int, task) -> CacheSettings | None:
+    """Before anything runs: the step count (few-step runs are refused) and the ratio file (read and checked; a
+    task without published ratios needs one). `task`: the model type (see `task_kind`). Returns the resolved
+    settings (None when off)."""
+    settings = resolve(opts, task)
     if settings is None:
         return None
     if steps < MIN_STEPS:
@@ -556,11 +574,12 @@ def _first_steps(trace: list[str]) -> set[int]:
     return {i for i in range(len(trace)) if i == 0 or trace[i] != trace[i - 1]}
 
 
-def choose_step_cache(opts, takes_image: bool, trace: list[str], guidance: dict, *, device, seq_len: int = 0,
+def choose_step_cache(opts, task, trace: list[str], guidance: dict, *, device, seq_len: int = 0,
                       measured: dict | None = None, sp_group=None, cfg_group=None, rank: int = 0):
-    """The policy for one generation over the whole schedule `trace` (the expert per step), or None: the cache is
-    off and nothing is calibrated, so the loop runs the original forward."""
-    settings = check_cache_request(opts, len(trace), takes_image)
+    """The policy for one generation over the whole schedule `trace` (the DiT name per step: "high" / "low", or
+    "model" throughout for a one-model task, one segment), or None: the cache is off and nothing is calibrated, so
+    the loop runs the original forward. `task`: the model type (see `task_kind`)."""
+    settings = check_cache_request(opts, len(trace), task)
     if settings is None:
         return None
     if settings.method == "magcache":

@@ -92,3 +92,6 @@ TINY = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2)
 # I2V: the same DiT with 36 input channels (16 noise + 4 first-frame mask + 16 image latent); Wan 2.2 has no CLIP.
 A14B_I2V = replace(A14B, model_type="i2v", in_dim=36)
 TINY_I2V = replace(TINY, model_type="i2v", in_dim=36)
+# TI2V-5B: one dense DiT on the Wan 2.2 VAE's 48 latent channels, in and out (its config.json: model_type ti2v).
+TI2V_5B = WanConfig(model_type="ti2v", in_dim=48, dim=3072, ffn_dim=14336, out_dim=48, num_heads=24, num_layers=30)
+TINY_TI2V = replace(TINY, model_type="ti2v", in_dim=48, out_dim=48)

@@ -22,6 +22,8 @@ class TaskConfig:
     vae_checkpoint: str = "Wan2.1_VAE.pth"
     low_noise_checkpoint: str = "low_noise_model"
     high_noise_checkpoint: str = "high_noise_model"
+    model_checkpoint: str = ""  # one-model tasks (boundary None): the DiT's folder, "" = the folder root
+    vae_version: str = "2.1"  # "2.1": Wan2_1_VAE (z 16, 4x8x8); "2.2": Wan2_2_VAE (z 48, 4x16x16)
     # numerics and geometry
     text_len: int = 512
     t5_dtype: torch.dtype = torch.bfloat16
@@ -29,7 +31,7 @@ class TaskConfig:
     vae_stride: tuple[int, int, int] = (4, 8, 8)
     patch_size: tuple[int, int, int] = (1, 2, 2)
     num_train_timesteps: int = 1000
-    boundary: float = 0.875  # t >= boundary * 1000 -> high-noise expert
+    boundary: float | None = 0.875  # t >= boundary * 1000 -> high-noise expert; None: one model, no switch
     # sampling defaults (generate.py fills unset flags from these)
     sample_fps: int = 16
     sample_shift: float = 12.0
@@ -45,6 +47,19 @@ class TaskConfig:
     arch: WanConfig = A14B
 
     @property
+    def experts(self) -> dict[str, str]:
+        """The DiTs by the name the sample loop uses -> their folder in --ckpt_dir: the high- and low-noise experts
+        of the A14B tasks, or one "model" (TI2V-5B: the DiT at the folder root)."""
+        if self.boundary is None:
+            return {"model": self.model_checkpoint}
+        return {"high": self.high_noise_checkpoint, "low": self.low_noise_checkpoint}
+
+    @property
     def takes_image(self) -> bool:
-        """An image-to-video task (the DiT's model_type is i2v): generate() takes the first frame."""
+        """generate() takes a first frame: required for i2v, optional for ti2v (text-to-video without one)."""
+        return self.arch.model_type in ("i2v", "ti2v")
+
+    @property
+    def needs_image(self) -> bool:
+        """An image-to-video task that cannot run without its first frame (i2v)."""
         return self.arch.model_type == "i2v"

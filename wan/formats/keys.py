@@ -12,6 +12,8 @@ Official names are the ones the engine's loaders take: the DiT's (wan/modules/mo
                                                                   -> blocks.N.attn.q
   VAE        official   the official .pth, ComfyUI, Kijai          identity (Kijai: optional model.)
   VAE        diffusers  Diffusers vae/                            diffusers' convert_wan_vae_to_diffusers inverted
+  VAE 2.2    official   Wan2.2_VAE.pth (TI2V-5B), 16-bit copies     identity (optional model.)
+  VAE 2.2    diffusers  Diffusers vae/ of the TI2V-5B folder      wan.modules.vae2_2_keys inverted (is_residual)
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from ..lora_keys import DIFFUSERS_BLOCK, DIFFUSERS_TOP
 __all__ = ["COMPONENTS", "naming_of", "to_official", "original_vae_keys", "PREFIXES"]
 
 # wrapper prefixes each component's files may carry (stripped when every tensor key has it)
-PREFIXES = {"dit": ("model.diffusion_model.", "diffusion_model."), "t5": (), "vae": ("model.",)}
+PREFIXES = {"dit": ("model.diffusion_model.", "diffusion_model."), "t5": (), "vae": ("model.",), "vae22": ("model.",)}
 
 # key patterns that only one naming uses (a file with both is a mixed file)
 _MARKS = {
@@ -35,6 +37,7 @@ _MARKS = {
     "vae": {"diffusers": re.compile(r"(down_blocks|up_blocks|mid_block|quant_conv|conv_in|conv_out)\."),
             "official": re.compile(r"(downsamples|upsamples|middle)\.|^conv[12]\.")},
 }
+_MARKS["vae22"] = _MARKS["vae"]  # the Wan 2.2 VAE: the same two namings, another key map
 COMPONENTS = tuple(_MARKS)
 
 
@@ -154,4 +157,8 @@ def to_official(component: str, naming: str, key: str) -> str | None:
         return _t5_from_hf(key)
     if component == "vae" and naming == "diffusers":
         return vae_diffusers_to_official().get(key)
+    if component == "vae22" and naming == "diffusers":
+        from ..modules.vae2_2_keys import diffusers_to_official22
+
+        return diffusers_to_official22().get(key)
     raise ValueError(f"no key map for {component} / {naming}")

@@ -273,7 +273,7 @@ def plan_source(component: str, what: str, headers: tuple[FileHeader, ...]) -> W
     return WeightSource(what, layout, headers, plans, prefix, renamed, ignored)
 
 
-_COMPONENT_NAMES = {"dit": "Wan DiT", "t5": "umt5 encoder", "vae": "Wan 2.1 VAE"}
+_COMPONENT_NAMES = {"dit": "Wan DiT", "t5": "umt5 encoder", "vae": "Wan 2.1 VAE", "vae22": "Wan 2.2 VAE"}
 
 
 def _check_type(h: FileHeader, key: str, dtype: str, scale: str | None) -> None:

@@ -23,10 +23,13 @@ from .ffn import WholeFFN, ffn_runner
 from .precision import fp32_region
 from .qk_rope import FusedQKRope
 from .rope import FastRope, ReferenceRope
+from .token_timesteps import time_rows
 
 __all__ = ["WanModel", "sinusoidal_embedding_1d"]
 
-MODEL_TYPES = ("t2v", "i2v")  # i2v: the same DiT, its input = the noise latent + y (mask and image latent)
+# i2v: the same DiT, its input = the noise latent + y (mask and image latent); ti2v (TI2V-5B): no branch at all,
+# its image mode only changes the latent and the timesteps it is given
+MODEL_TYPES = ("t2v", "i2v", "ti2v")
 
 
 def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
@@ -162,8 +165,8 @@ class WanModel(nn.Module):
         super().__init__()
         if model_type not in MODEL_TYPES:
             raise ValueError(f"this project implements the {' and '.join(MODEL_TYPES)} DiTs (config.json has "
-                             f"model_type={model_type!r}); point --ckpt_dir at a Wan2.2-T2V-A14B or I2V-A14B "
-                             "checkpoint")
+                             f"model_type={model_type!r}); point --ckpt_dir at a Wan2.2-T2V-A14B, I2V-A14B or "
+                             "TI2V-5B checkpoint")
         self.config = WanConfig(model_type=model_type, patch_size=patch_size, text_len=text_len, in_dim=in_dim,
                                 dim=dim, ffn_dim=ffn_dim, freq_dim=freq_dim, text_dim=text_dim, out_dim=out_dim,
                                 num_heads=num_heads, num_layers=num_layers, window_size=window_size,
@@ -244,13 +247,15 @@ class WanModel(nn.Module):
         if max(seq_lens) > seq_len:
             raise ValueError(f"seq_len {seq_len} is smaller than the {max(seq_lens)} tokens of the latents")
         x = torch.cat([torch.cat([u, u.new_zeros(1, seq_len - u.size(1), u.size(2))], dim=1) for u in x])
-        # 2. time: one timestep per token [B, L] (reference), or per sample [B, 1] (fast, exact for t2v)
-        bt = x.size(0)
-        if t.dim() == 1:
-            t = t.view(-1, 1).expand(bt, 1 if self.fast_time_embedding else seq_len)
+        # 2. time: one timestep per token [B, L] (reference), or per sample [B, 1] (fast, exact for t2v); per-token
+        # TokenTimesteps (TI2V image mode) fast: its few distinct rows, then gathered per token
+        rows, index = time_rows(t, x.size(0), seq_len, self.fast_time_embedding)
         with fp32_region(x.device.type):
-            e = self.time_embedding(sinusoidal_embedding_1d(self.freq_dim, t.flatten()).unflatten(0, t.shape).float())
-            e0 = self.time_projection(e).unflatten(2, (6, self.dim))  # [B, L|1, 6, d]
+            e = self.time_embedding(
+                sinusoidal_embedding_1d(self.freq_dim, rows.flatten()).unflatten(0, rows.shape).float())
+            e0 = self.time_projection(e).unflatten(2, (6, self.dim))  # [B, L|1|K, 6, d]
+            if index is not None:
+                e, e0 = e[:, index], e0[:, index]  # [B, L, d], [B, L, 6, d]
             assert e.dtype == torch.float32 and e0.dtype == torch.float32
         # 3. text: zero-pad each prompt to text_len rows before the MLP (padded rows take part in cross-attention)
         context = self.text_embedding(torch.stack([
@@ -259,9 +264,10 @@ class WanModel(nn.Module):
         return x, e, e0, seq_lens, grids, rope_table, context
 
     def forward(self, x: list, t: torch.Tensor, context: list, seq_len: int, y=None) -> list:
-        """x: list of [C, F, H, W]; t: [B] (or [B, seq_len]); context: list of [L_i, text_dim]; y (i2v): list of
-        [C_y, F, H, W] conditions, each joined to its x along the channels before the patch embedding (noise first,
-        as the reference), so everything after it (Ulysses sharding, streaming, compile) sees the usual tokens.
+        """x: list of [C, F, H, W]; t: [B], [B, seq_len] or TokenTimesteps (per token, factored); context: list of
+        [L_i, text_dim]; y (i2v): list of [C_y, F, H, W] conditions, each joined to its x along the channels before
+        the patch embedding (noise first, as the reference), so everything after it (Ulysses sharding, streaming,
+        compile) sees the usual tokens.
 
         Returns a list of fp32 [C_out, F, H, W] (the flow / velocity prediction).
         """

@@ -38,11 +38,11 @@ VAE_ARCH = dict(dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
 _MISSING_HINT = "Wan2.1_VAE.pth ships with the official Wan2.2-T2V-A14B download"
 
 
-def load_wan_vae_state_dict(path):
+def load_wan_vae_state_dict(path, hint: str = _MISSING_HINT):
     """Read an original-layout VAE checkpoint (.pth or .safetensors) as a CPU state dict."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"VAE checkpoint not found: {path} ({_MISSING_HINT})")
+        raise FileNotFoundError(f"VAE checkpoint not found: {path} ({hint})")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -77,12 +77,13 @@ def _fit_problems(sd, ref):
 class Wan2_1_VAE:
     """Reference-compatible wrapper: `model` (diffusers AutoencoderKLWan), `scale` = [mean, 1/std], `dtype`.
     decode_bands > 1 decodes in that many bands of rows, band by band (`vae_bands.decode_banded` with order
-    "band": the same video within summation order, a much lower peak memory, +19% decode work at 4 bands)."""
+    "band": the same video within summation order, a much lower peak memory, +19% decode work at 4 bands).
+    Subclasses (wan.modules.vae2_2.Wan2_2_VAE) change the constants and `_build`."""
+
+    NAME, MEAN, STD, HINT = "Wan 2.1", WAN21_VAE_MEAN, WAN21_VAE_STD, _MISSING_HINT
 
     def __init__(self, z_dim=16, vae_pth="cache/vae_step_411000.pth", dtype=torch.float, device="cuda",
                  decode_bands: int = 0):
-        from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
-
         if decode_bands < 0:
             raise ValueError(f"decode_bands must be >= 0 (0 or 1: whole frames), got {decode_bands}")
         self.decode_bands = decode_bands  # 0 / 1: diffusers' whole-frame decode
@@ -90,36 +91,47 @@ class Wan2_1_VAE:
         self.device = torch.device(device)
         self.z_dim = z_dim
         # Normalisation constants, kept fp32 (as in the reference with its default dtype=float).
-        self.mean = torch.tensor(WAN21_VAE_MEAN, dtype=torch.float32, device=self.device)
-        self.std = torch.tensor(WAN21_VAE_STD, dtype=torch.float32, device=self.device)
+        self.mean = torch.tensor(self.MEAN, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(self.STD, dtype=torch.float32, device=self.device)
         self.scale = [self.mean, 1.0 / self.std]
 
         if isinstance(vae_pth, (str, os.PathLike)):
-            sd = load_wan_vae_state_dict(vae_pth)
+            sd = load_wan_vae_state_dict(vae_pth, self.HINT)
         else:  # a wan.formats.WeightSource (any layout, official names out): the VAE is small, read it whole
             sd = dict(vae_pth.read(dequant_dtype=dtype))
             logging.getLogger("wan").info("%s", vae_pth.describe(dtype))
             vae_pth = str(vae_pth.where)
-        # base_dim / z_dim from the checkpoint: encoder.conv1 [base,3,3,3,3], conv2 [z,z,1,1,1].
+        # z_dim from the checkpoint: conv2 (post_quant_conv) [z,z,1,1,1]
         for key in ("encoder.conv1.weight", "conv2.weight"):
             if key not in sd or sd[key].ndim != 5:
-                raise ValueError(f"VAE checkpoint {vae_pth} does not look like a Wan 2.1 VAE "
+                raise ValueError(f"VAE checkpoint {vae_pth} does not look like a {self.NAME} VAE "
                                  f"(no 5-D '{key}'; first keys: {list(sd)[:3]})")
-        base_dim, ck_z = sd["encoder.conv1.weight"].shape[0], sd["conv2.weight"].shape[0]
-        if ck_z != z_dim or z_dim != len(WAN21_VAE_MEAN):
+        ck_z = sd["conv2.weight"].shape[0]
+        if ck_z != z_dim or z_dim != len(self.MEAN):
             raise ValueError(f"VAE checkpoint {vae_pth} has z_dim {ck_z}, expected z_dim={z_dim} "
-                             f"(the normalisation table has {len(WAN21_VAE_MEAN)} channels)")
-
-        sd = convert_wan_vae_to_diffusers(sd)
-        model = build_wan_vae(base_dim, z_dim, device="meta")  # no memory, no init cost
+                             f"(the normalisation table has {len(self.MEAN)} channels)")
+        model, sd = self._build(sd, z_dim)  # on meta: no memory, no init cost
         probs = _fit_problems(sd, model.state_dict())
         if probs:
             more = f" (+{len(probs) - 4} more)" if len(probs) > 4 else ""
-            raise ValueError(f"VAE checkpoint {vae_pth} does not fit AutoencoderKLWan(base_dim={base_dim}, "
-                             f"z_dim={z_dim}) [diffusers key names]: {'; '.join(probs[:4])}{more}")
+            raise ValueError(f"VAE checkpoint {vae_pth} does not fit the {self.NAME} AutoencoderKLWan "
+                             f"({self._describe(model)}) [diffusers key names]: {'; '.join(probs[:4])}{more}")
         # Cast in the state dict (not model.to(dtype), which makes diffusers log a spurious warning).
         model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
         self.model = model.eval().requires_grad_(False).to(self.device)
+
+    @staticmethod
+    def _build(sd: dict, z_dim: int):
+        """(AutoencoderKLWan on meta, the state dict in diffusers' key names) for an original-layout state dict;
+        base_dim from encoder.conv1 [base, 3, 3, 3, 3]."""
+        from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+        base_dim = sd["encoder.conv1.weight"].shape[0]
+        return build_wan_vae(base_dim, z_dim, device="meta"), convert_wan_vae_to_diffusers(sd)
+
+    @staticmethod
+    def _describe(model) -> str:
+        return f"base_dim={model.config.base_dim}, z_dim={model.config.z_dim}"
 
     def _fp32_ctx(self):
         # The reference nests an fp32 autocast inside the pipeline's bf16 one; a bf16 VAE (--vae_dtype bf16)

@@ -1,4 +1,9 @@
-"""Exact, memory-bounded decode of the Wan 2.1 VAE in horizontal bands of rows.
+"""Exact, memory-bounded decode of the Wan 2.1 and Wan 2.2 VAEs in horizontal bands of rows.
+
+Wan 2.2 (TI2V-5B; diffusers' is_residual=True, patch_size 2): its up blocks add a DupUp3D shortcut (each output row
+a copy of input row r // 2: no rows read around it) and name their upsampler `upsampler`; its decoder ends in 12
+channels that a 2x2 unpatchify turns into 3 at twice the rows (row r -> rows 2r, 2r + 1). Both are row-local, so
+the halo rule below holds unchanged and each band is unpatchified on its own. The numbers below are Wan 2.1's.
 
 diffusers' `AutoencoderKLWan._decode` runs the whole decoder on whole frames, one latent frame at a time with a causal
 feature cache. Only the decoder's mid block (spatial self-attention over the whole latent frame) is non-local; every
@@ -87,12 +92,34 @@ def _row_radius(conv: nn.Module) -> int:
     return (conv.kernel_size[-2] - 1) // 2
 
 
+def _upsampler(block: nn.Module):
+    """An up block's WanResample (Wan 2.1 WanUpBlock: upsamplers[0]; Wan 2.2 WanResidualUpBlock: upsampler), or
+    None (the last block has none)."""
+    ups = getattr(block, "upsamplers", None)
+    return ups[0] if ups is not None else getattr(block, "upsampler", None)
+
+
 def _upsample_parts(block: nn.Module):
     """(row scale, conv after it) of an up block's WanResample, or None (the last block has no upsampler)."""
-    if block.upsamplers is None:
+    resample = _upsampler(block)
+    if resample is None:
         return None
-    upsample, conv = block.upsamplers[0].resample  # Sequential(WanUpsample nearest x2, Conv2d 3x3)
+    upsample, conv = resample.resample  # Sequential(WanUpsample nearest x2, Conv2d 3x3)
     return int(upsample.scale_factor[0]), conv
+
+
+def _time_upsampling(block: nn.Module) -> bool:
+    resample = _upsampler(block)
+    return resample is not None and resample.mode == "upsample3d"
+
+
+def _unpatchify(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """Decoder output [1, 3 * p * p, t, r, w] -> video rows [1, 3, t, r * p, w * p] (Wan 2.2: p = 2; 2.1: as is)."""
+    if patch == 1:
+        return x
+    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+    return unpatchify(x, patch)
 
 
 def _row_scale(decoder: nn.Module, start: int) -> int:
@@ -190,15 +217,16 @@ def _band_frames(decoder: nn.Module, x: torch.Tensor, cache: list, split: int, f
     """
     keep0, keep1, lo, hi = rows
     blocks = decoder.up_blocks
-    tail = 1 + max((k for k, b in enumerate(blocks) if b.upsamplers is not None and b.upsamplers[0].mode ==
-                    "upsample3d"), default=-1)  # first block that mixes no frames itself
+    tail = 1 + max((k for k, b in enumerate(blocks) if _time_upsampling(b)),
+                   default=-1)  # first block that mixes no frames itself
     tail = max(tail, split)
 
     def run(x, k, keep0, keep1, lo, hi, idx):
         if k > split:
             x, lo, hi = _crop(x, lo, hi, keep0, keep1, halos[k])
         x = blocks[k](x, feat_cache=cache, feat_idx=idx, first_chunk=first)
-        s = _upsample_parts(blocks[k])[0] if blocks[k].upsamplers is not None else 1
+        parts = _upsample_parts(blocks[k])
+        s = parts[0] if parts is not None else 1
         return x, keep0 * s, keep1 * s, lo * s, hi * s
 
     idx = [0]
@@ -219,8 +247,10 @@ def _check_supported(vae_model: nn.Module, split: int, bands: int, order: str = 
         raise ValueError(f"decode_banded needs bands >= 1, got {bands}")
     if order not in ("frame", "band"):
         raise ValueError(f"decode_banded order must be 'frame' or 'band', got {order!r}")
-    if vae_model.config.is_residual or vae_model.config.patch_size is not None:
-        raise ValueError("decode_banded supports the Wan 2.1 VAE only (is_residual=False, no patch_size)")
+    layout = (bool(vae_model.config.is_residual), vae_model.config.patch_size)
+    if layout not in ((False, None), (True, 2)):
+        raise ValueError("decode_banded supports the Wan 2.1 VAE (is_residual=False, no patch_size) and the Wan 2.2 "
+                         f"VAE (is_residual=True, patch_size 2), not is_residual={layout[0]}, patch_size={layout[1]}")
     if not 0 <= split < len(vae_model.decoder.up_blocks):
         raise ValueError(f"split must index an up block (0..{len(vae_model.decoder.up_blocks) - 1}), got {split}")
 
@@ -228,10 +258,11 @@ def _check_supported(vae_model: nn.Module, split: int, bands: int, order: str = 
 @torch.no_grad()
 def decode_banded(vae_model: nn.Module, z: torch.Tensor, bands: int, split: int | None = None,
                   halo: int | None = None, order: str = "frame") -> torch.Tensor:
-    """`vae_model.decode(z).sample` of a Wan 2.1 AutoencoderKLWan, decoded in `bands` bands of rows.
+    """`vae_model.decode(z).sample` of a Wan 2.1 / 2.2 AutoencoderKLWan, decoded in `bands` bands of rows.
 
-    z: un-normalised latent [1, z_dim, T, h, w] in the model's dtype -> video [1, 3, 1 + 4(T - 1), 8h, 8w] clamped to
-    [-1, 1]. Rows are banded from up_blocks[split] on, each band read with `halo` extra rows (default: halo_rows).
+    z: un-normalised latent [1, z_dim, T, h, w] in the model's dtype -> video [1, 3, 1 + 4(T - 1), 8h, 8w] (2.2:
+    16h, 16w) clamped to [-1, 1]. Rows are banded from up_blocks[split] on, each band read with `halo` extra rows
+    (default: halo_rows).
     order "frame": per latent frame, the trunk then every band (all bands' caches live; split default 2).
     order "band": the trunk over all frames first (its outputs kept), then per band all frames, only that band's
     caches live, each block's input cropped to the rows still needed (split default 0). See the module docstring.
@@ -244,23 +275,27 @@ def decode_banded(vae_model: nn.Module, z: torch.Tensor, bands: int, split: int 
     scale = _row_scale(decoder, split)  # output rows per row at the split resolution
     rows = h * _row_scale(decoder, 0) // scale
     plan = _band_plan(rows, bands, halo)
-    n_time_up = sum(b.upsamplers is not None and b.upsamplers[0].mode == "upsample3d" for b in decoder.up_blocks)
-    out = torch.empty(1, decoder.conv_out.out_channels, 1 + 2 ** n_time_up * (n_latent - 1), rows * scale,
-                      w * _row_scale(decoder, 0), dtype=decoder.conv_out.weight.dtype, device=z.device)
+    n_time_up = sum(_time_upsampling(b) for b in decoder.up_blocks)
+    patch = vae_model.config.patch_size or 1
+    out = torch.empty(1, decoder.conv_out.out_channels // patch ** 2, 1 + 2 ** n_time_up * (n_latent - 1),
+                      rows * scale * patch, w * _row_scale(decoder, 0) * patch, dtype=decoder.conv_out.weight.dtype,
+                      device=z.device)
 
     x = vae_model.post_quant_conv(z)  # 1x1x1 conv, no cache: all frames at once, as diffusers (latent-sized)
     trunk_cache = [None] * _cache_slots(decoder.conv_in, decoder.mid_block, *decoder.up_blocks[:split])
     band_slots = _cache_slots(*decoder.up_blocks[split:], decoder.conv_out)
     if order == "band":
-        return _decode_band_major(decoder, x, trunk_cache, band_slots, plan, split, rows, out)
+        return _decode_band_major(decoder, x, trunk_cache, band_slots, plan, split, rows, out, patch)
     band_caches = [[None] * band_slots for _ in plan]
+    scale *= patch  # video rows per split row
     t0 = 0  # first output frame of the current latent frame
     for i in range(n_latent):
         first = i == 0
         feats = _run_trunk(decoder, x[:, :, i:i + 1], trunk_cache, split, first)  # [1, C, t, rows, cols]
         for (keep0, keep1, in0, in1), cache in zip(plan, band_caches):
             # the band's intermediates die when _run_band returns; y is its 3-channel output
-            y = _run_band(decoder, feats[:, :, :, in0:in1], cache, split, first)  # [1, 3, t', band rows * scale, W]
+            y = _run_band(decoder, feats[:, :, :, in0:in1], cache, split, first)
+            y = _unpatchify(y, patch)  # [1, 3, t', band rows * scale, W]
             kept = y[:, :, :, (keep0 - in0) * scale:(keep1 - in0) * scale]
             out[:, :, t0:t0 + y.shape[2], keep0 * scale:keep1 * scale].copy_(kept).clamp_(-1.0, 1.0)
         t0 += y.shape[2]
@@ -269,7 +304,7 @@ def decode_banded(vae_model: nn.Module, z: torch.Tensor, bands: int, split: int 
 
 
 def _decode_band_major(decoder: nn.Module, x: torch.Tensor, trunk_cache: list, band_slots: int, plan: list,
-                       split: int, rows: int, out: torch.Tensor) -> torch.Tensor:
+                       split: int, rows: int, out: torch.Tensor, patch: int = 1) -> torch.Tensor:
     """order="band" of decode_banded: x [1, z, T, h, w] after post_quant_conv; fills and returns `out`."""
     # Trunk once, time-major, keeping its output per latent frame ([1, C, t, rows, cols]; split 0, 720p, fp32: 384 x
     # 1 x 90 x 160 = 22 MB a frame, 0.46 GB for 81 frames). Recomputing it per band instead would cost (bands - 1)
@@ -277,13 +312,14 @@ def _decode_band_major(decoder: nn.Module, x: torch.Tensor, trunk_cache: list, b
     feats = [_run_trunk(decoder, x[:, :, i:i + 1], trunk_cache, split, i == 0) for i in range(x.shape[2])]
     del trunk_cache[:], x  # the trunk's caches (the caller's list) go before the first band
     halos = [halo_rows(decoder, k) for k in range(len(decoder.up_blocks))]
-    scale = out.shape[3] // rows  # output rows per split row
+    scale = out.shape[3] // rows  # video rows per split row (the unpatchify's included)
     for keep0, keep1, in0, in1 in plan:
         cache = [None] * band_slots  # this band's causal caches only
         a, b, t = keep0 * scale, keep1 * scale, 0  # kept output rows, output frame
         for i, f in enumerate(feats):
             for y, lo in _band_frames(decoder, f[:, :, :, in0:in1], cache, split, i == 0, (keep0, keep1, in0, in1),
-                                      halos):  # y [1, 3, 1, rows y holds, W], its first row lo
+                                      halos):  # y [1, 3 * p * p, 1, rows y holds, W / p], its first row lo
+                y, lo = _unpatchify(y, patch), lo * patch
                 out[:, :, t:t + 1, a:b].copy_(y[:, :, :, a - lo:b - lo]).clamp_(-1.0, 1.0)
                 t += 1
         del cache  # freed before the next band's

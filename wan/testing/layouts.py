@@ -2,7 +2,9 @@
 those tools (shared/reference/checkpoint_layouts_facts.md), for tests and benchmarks:
 
   write_diffusers_folder   diffusers' own classes: convert_wan_transformer_to_diffusers + WanTransformer3DModel,
-                           UMT5EncoderModel, AutoencoderKLWan, WanPipeline(...).save_pretrained (model_index.json)
+                           UMT5EncoderModel, AutoencoderKLWan, WanPipeline(...).save_pretrained (model_index.json);
+                           TI2V-5B's one-transformer folder too
+  write_diffusers_vae22    the Wan 2.2 VAE with diffusers' names (wan.modules.vae2_2_keys)
   write_comfy_dit          official names, optional model.diffusion_model. prefix, fp16 / bf16 / fp32
   write_fp8_scaled_dit     ComfyUI's scaled fp8: every nn.Linear weight as e4m3fn (or e5m2) W8 = W / s with one
                            scalar s = amax / 448 per tensor, `scale_weight` (old) or `weight_scale` + `comfy_quant`
@@ -124,18 +126,20 @@ def write_official_vae_safetensors(vae_pth, path, dtype=torch.bfloat16, prefix: 
 def write_diffusers_folder(official_dir, out_dir, config, max_shard_size: str = "200KB") -> Path:
     """The whole official tiny checkpoint as a Diffusers folder, written by diffusers' and transformers' own classes
     (transformer = high-noise, transformer_2 = low-noise, the T5 in bf16, the VAE and tokenizer); an I2V task's as
-    Wan-AI/Wan2.2-I2V-A14B-Diffusers is, a WanImageToVideoPipeline without image encoder (in_channels 36)."""
+    Wan-AI/Wan2.2-I2V-A14B-Diffusers is, a WanImageToVideoPipeline without image encoder (in_channels 36); a
+    one-model task's (TI2V-5B) as Wan-AI/Wan2.2-TI2V-5B-Diffusers is: a WanPipeline with transformer/ alone,
+    expand_timesteps, and the Wan 2.2 VAE (AutoencoderKLWan with is_residual) in vae/."""
     from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
     from transformers import AutoTokenizer
 
     from ..modules.t5 import load_umt5_encoder
-    from ..modules.vae import Wan2_1_VAE
+    from ..modules.vae2_2 import VAE_CLASSES
 
     official_dir, out_dir = Path(official_dir), Path(out_dir)
     arch = config.arch
     experts = []
-    for sub in (config.high_noise_checkpoint, config.low_noise_checkpoint):
+    for sub in config.experts.values():
         model = WanTransformer3DModel(num_attention_heads=arch.num_heads, attention_head_dim=arch.head_dim,
                                       in_channels=arch.in_dim, out_channels=arch.out_dim, text_dim=arch.text_dim,
                                       freq_dim=arch.freq_dim, ffn_dim=arch.ffn_dim, num_layers=arch.num_layers,
@@ -144,15 +148,31 @@ def write_diffusers_folder(official_dir, out_dir, config, max_shard_size: str = 
                               strict=True)
         experts.append(model.eval())
     text_encoder = load_umt5_encoder(str(official_dir / config.t5_checkpoint), torch.bfloat16)
-    vae = Wan2_1_VAE(vae_pth=str(official_dir / config.vae_checkpoint), device="cpu").model
+    vae = VAE_CLASSES[config.vae_version](vae_pth=str(official_dir / config.vae_checkpoint), device="cpu").model
     tokenizer = AutoTokenizer.from_pretrained(official_dir / config.t5_tokenizer, local_files_only=True)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    pipeline = WanImageToVideoPipeline if config.takes_image else WanPipeline
-    pipe = pipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
-                    transformer=experts[0], transformer_2=experts[1], boundary_ratio=config.boundary)
+    parts = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler)
+    if config.boundary is None:  # TI2V-5B: one transformer, the timestep expanded per token
+        pipe = WanPipeline(**parts, transformer=experts[0], transformer_2=None, boundary_ratio=None,
+                           expand_timesteps=True)
+    else:
+        pipeline = WanImageToVideoPipeline if config.takes_image else WanPipeline
+        pipe = pipeline(**parts, transformer=experts[0], transformer_2=experts[1], boundary_ratio=config.boundary)
     pipe.save_pretrained(out_dir, max_shard_size=max_shard_size)
     shutil.copytree(official_dir / config.t5_tokenizer, out_dir / "tokenizer", dirs_exist_ok=True)
     return out_dir
+
+
+def write_diffusers_vae22(vae_pth, path) -> Path:
+    """An official-layout Wan 2.2 VAE (Wan2.2_VAE.pth) as one safetensors file with diffusers' key names (what the
+    vae/ folder of Wan-AI/Wan2.2-TI2V-5B-Diffusers holds)."""
+    from safetensors.torch import save_file
+
+    from ..modules.vae2_2_keys import convert_wan22_vae_to_diffusers
+
+    sd = convert_wan22_vae_to_diffusers(torch.load(vae_pth, weights_only=True))
+    save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    return Path(path)
 
 
 # ---- GGUF -------------------------------------------------------------------------------------------------------

@@ -1,11 +1,12 @@
-"""The built-in tiny models (tasks t2v-tiny and i2v-tiny): random weights from fixed seeds, written as a real checkpoint
-folder in the official Wan2.2-T2V-A14B / -I2V-A14B layout and then loaded through the real loaders. Their videos are
-noise.
+"""The built-in tiny models (tasks t2v-tiny, i2v-tiny and ti2v-tiny): random weights from fixed seeds, written as a real
+checkpoint folder in the official Wan2.2-T2V-A14B / -I2V-A14B / -TI2V-5B layout and then loaded through the real
+loaders. Their videos are noise.
 
-Layout written: models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/ (a sentencepiece tokenizer trained offline),
-Wan2.1_VAE.pth (base_dim 8), high_noise_model/ and low_noise_model/ (config.json + sharded safetensors + index).
-The two tasks share T5 and the VAE; their experts differ (i2v: model_type i2v, in_dim 36), and each task has its own
-cache folder.
+Layout written: models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/ (a sentencepiece tokenizer trained offline), and
+- t2v / i2v: Wan2.1_VAE.pth (base_dim 8), high_noise_model/ and low_noise_model/ (config.json + sharded safetensors +
+  index); the experts differ (i2v: model_type i2v, in_dim 36);
+- ti2v: Wan2.2_VAE.pth (dims 8 / 16, z 48) and one DiT (model_type ti2v, 48 channels in and out) at the folder root.
+Every task has its own cache folder.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ log = logging.getLogger("wan")
 
 FORMAT_VERSION = "2"  # bump when the tiny architecture, seeds or init rule change (the cache folder name follows it)
 MARKER = ".wan_tiny_complete"
-TINY_SEEDS = {"high_noise_model": 1, "low_noise_model": 2, "t5": 3, "vae": 4}
+TINY_SEEDS = {"high_noise_model": 1, "low_noise_model": 2, "t5": 3, "vae": 4, "model": 5, "vae22": 6}
 
 
 def default_tiny_dir(task: str = "t2v-tiny") -> Path:
@@ -30,7 +31,7 @@ def default_tiny_dir(task: str = "t2v-tiny") -> Path:
 
 
 def tiny_arch(task: str = "t2v-tiny"):
-    """The DiT architecture of a tiny task (configs.model_config.TINY or TINY_I2V)."""
+    """The DiT architecture of a tiny task (configs.model_config.TINY, TINY_I2V or TINY_TI2V)."""
     from ..configs import WAN_CONFIGS
 
     cfg = WAN_CONFIGS.get(task)
@@ -52,18 +53,24 @@ def build_tiny_dit(seed: int, arch=None):
 def write_tiny_checkpoint(folder, task: str = "t2v-tiny") -> Path:
     """Write every file of a tiny task's checkpoint into `folder` (deterministic: same bytes of weights every
     time)."""
+    from ..configs import WAN_CONFIGS
     from ..modules.checkpoint import save_wan_model
     from .tiny_t5 import write_tiny_t5
     from .tiny_vae import write_tiny_vae_checkpoint
+    from .tiny_vae22 import write_tiny_vae22_checkpoint
 
-    arch = tiny_arch(task)
+    arch, cfg = tiny_arch(task), WAN_CONFIGS[task]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_tiny_t5(str(folder), seed=TINY_SEEDS["t5"], d_model=4096)
-    write_tiny_vae_checkpoint(str(folder / "Wan2.1_VAE.pth"), seed=TINY_SEEDS["vae"])
-    for sub in ("high_noise_model", "low_noise_model"):
-        # small shards so the sharded-index path is exercised like the real 6-shard experts
-        save_wan_model(build_tiny_dit(TINY_SEEDS[sub], arch), folder / sub, max_shard_bytes=2 * 2**20)
+    if cfg.vae_version == "2.2":
+        write_tiny_vae22_checkpoint(str(folder / cfg.vae_checkpoint), seed=TINY_SEEDS["vae22"])
+    else:
+        write_tiny_vae_checkpoint(str(folder / cfg.vae_checkpoint), seed=TINY_SEEDS["vae"])
+    for name, sub in cfg.experts.items():
+        # small shards so the sharded-index path is exercised like the real 6-shard experts (3 for TI2V-5B)
+        seed = TINY_SEEDS["model" if name == "model" else sub]
+        save_wan_model(build_tiny_dit(seed, arch), folder / sub, max_shard_bytes=2 * 2**20)
     (folder / MARKER).write_text(FORMAT_VERSION)
     return folder
 
