@@ -8,7 +8,7 @@ requirements = [line.strip() for line in Path(__file__).with_name("requirements.
 setup(
     name="wan22-fast",
     version="0.1.0",
-    description="Faithful, fast Wan 2.2 inference in PyTorch (T2V-A14B, I2V-A14B)",
+    description="Faithful, fast Wan 2.2 inference in PyTorch (T2V-A14B, I2V-A14B, TI2V-5B)",
     packages=find_packages(include=["wan", "wan.*"]),
     package_data={"wan": ["configs/*.json"]},  # the published step-cache ratios (wan/step_cache.py)
     python_requires=">=3.10",
