@@ -423,6 +423,17 @@ def time_encode(vae, video: torch.Tensor, name: str, latents: dict, device, reus
     return entry
 
 
+def peer_model_kwargs(res: str) -> dict:
+    """diffusers WanTransformer3DModel arguments of the A14B expert ("tiny": configs.model_config.TINY's sizes);
+    tests/test_peer_same_work.py checks that this model computes our forward."""
+    tiny = res == "tiny"
+    heads, head_dim = (4, 16) if tiny else (40, 128)
+    return dict(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16,
+                out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=128 if tiny else 13824,
+                num_layers=2 if tiny else 40, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+                rope_max_seq_len=1024)
+
+
 def run_peer(args):
     """diffusers WanTransformer3DModel, same size, bf16, its default attention, our random-weight rule (norm
     weights near 1, fan-in scaled matrices), its rotary tables built for real (non-persistent buffers stay garbage
@@ -434,12 +445,8 @@ def run_peer(args):
     from wan.testing.random_init import materialize_random_
 
     device = torch.device(args.device)
-    tiny = args.res == "tiny"
-    heads, head_dim = (4, 16) if tiny else (40, 128)
-    kw = dict(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16,
-              out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=128 if tiny else 13824,
-              num_layers=2 if tiny else 40, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
-              rope_max_seq_len=1024)
+    kw = peer_model_kwargs(args.res)
+    head_dim = kw["attention_head_dim"]
     with torch.device("meta"):
         model = WanTransformer3DModel(**kw)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
