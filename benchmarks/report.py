@@ -164,11 +164,59 @@ def h100_tables() -> str:
     return "\n".join(lines)
 
 
+# the H100 again (issue 18's sections 3-6, issue 19's encode, issue 22's projection): one machine session at 7c9f08e
+H100_BACKLOG = {"waterfall": "backlog/h100_waterfall_720p_h100.json", "stream16": "backlog/h100_stream_480p_16gb.json",
+                "whole16": "backlog/h100_whole_480p_16gb.json", "fp8": "backlog/h100_fewstep_720p_fp8.json",
+                "cache": "backlog/h100_cache_720p_projection.json", "encode": "backlog/h100_i2v_encode_720p.json"}
+
+
+def _row_clocks(record: dict) -> str:
+    """SM clock and board power sampled during each timed row (and the peer / whole run / videos)."""
+    parts = [f"{r['label']}: {_clocks(r['gpu'])}" for r in record.get("rows", []) if "gpu" in r]
+    peer = record.get("peer") or {}
+    parts += [f"peer: {_clocks(peer['batch1']['gpu'])}"] if "batch1" in peer else []
+    runs = [*(record.get("whole_run") or {}).get("runs", []), *(record.get("fewstep") or {}).get("runs", [])]
+    for v in record.get("variants", []):
+        runs += v.get("runs", [])
+    parts += [f"videos: {_clocks([r['gpu'] for r in runs])}"] if runs else []
+    return "clocks: " + "; ".join(parts)
+
+
+def _encode_table(record: dict) -> str:
+    enc, dec = record["vae_encode"], record["vae"]
+    lines = ["| I2V condition, 1280x720: VAE encode of [image, 80 black frames] (one timed run each after a warm-up) "
+             "| plain (the reference's) | --fast_encode | --fast_encode output | peak GB allocated / reserved | "
+             "vs fp32 |", "|---|---|---|---|---|---|"]
+    for name, e in enc.items():
+        err = (f"max abs {e['max_abs_vs_fp32']:.1e}, rel {e['rel_vs_fp32']:.1e}" if "rel_vs_fp32" in e
+               else "(reference)")
+        lines.append(f"| encode, {name} | {e['encode_s']:.2f} s | {e['reuse_encode_s']:.2f} s | "
+                     f"{'bit for bit the plain encode' if e['reuse_equal'] else 'DIFFERS from the plain encode'} | "
+                     f"{e['peak_gb']:.1f} / {e['peak_reserved_gb']:.1f} | {err} |")
+    for name, d in dec.items():
+        err = f"PSNR {d['psnr_vs_fp32_db']:.1f} dB, max abs {d['max_abs_vs_fp32']:.1e}" if "psnr_vs_fp32_db" in d \
+            else "(reference)"
+        lines.append(f"| decode of 81 frames, {name} (whole frames) | {d['decode_s']:.2f} s | - | - | "
+                     f"{d['peak_gb']:.1f} / {d['peak_reserved_gb']:.1f} | {err} |")
+    return "\n".join(lines)
+
+
+def h100_backlog_tables() -> str:
+    """The backlog's rows measured on the H100 in one session: each benchmark's own table, clocks, source."""
+    f, blocks = H100_BACKLOG, []
+    for key, table in (("waterfall", markdown), ("stream16", memory_tiers.markdown),
+                       ("whole16", memory_tiers.markdown), ("fp8", fewstep.markdown), ("cache", markdown)):
+        record = load(f[key])
+        blocks.append(f"{table(record)}\n\n{_row_clocks(record)}; source: {f[key]}")
+    blocks.append(f"{_encode_table(load(f['encode']))}\n\nsource: {f['encode']}")
+    return "\n\n".join(blocks)
+
+
 def report() -> str:
     parts = [waterfall_table(n) for n in STAGE_SOURCES] + [full_table()] + [fewstep_table(n) for n in FEWSTEP_FILES]
     parts += [sourced(memory_tiers.markdown, n) for n in MEMORY_FILES]
     parts += [sourced(fp8.markdown, n) for n in FP8_FILES]
-    parts += [h100_tables()]
+    parts += [h100_tables(), h100_backlog_tables()]
     return "\n\n".join(parts)
 
 

@@ -296,7 +296,7 @@ def markdown(record: dict) -> str:
         else:
             diff = (f"{r['pred_rel_diff']:.1e}", f"{r['latent_max_abs_diff']:.1e} / {r['latent_mean_abs_diff']:.1e}")
         lines.append(f"| {r['label']} | {r['per_forward_s']:.3f} | {r['tflops']:.0f} | "
-                     f"{video if video is None else round(video, 1)} | {speed:.2f} | {vs_prev:.2f} | "
+                     f"{'-' if video is None else round(video, 1)} | {speed:.2f} | {vs_prev:.2f} | "
                      f"{r['peak_gb']:.1f} ({r['resident_experts']} expert{'s' if r['resident_experts'] > 1 else ''}) | "
                      f"{r['backend']} | {diff[0]} | {diff[1]} |")
         prev = r
@@ -322,8 +322,10 @@ def markdown(record: dict) -> str:
         lines.append(f"| t2v beside | error: {beside.get('error', '?')[-150:]} |" + " |" * 8)
     peer = record.get("peer")
     if peer and "error" not in peer:
-        lines.append(f"| peer: {peer['peer']} | {peer['per_forward_s']:.3f} | | | | | {peer['peak_gb']:.1f} | default "
-                     "| | |")
+        sp = (peer.get("batch1") or {}).get("forward_s")  # older files: one timed forward, no spread
+        spread = f" (min {sp['min']:.3f}, max {sp['max']:.3f}, n {sp['n']})" if isinstance(sp, dict) else ""
+        lines.append(f"| peer: {peer['peer']} | {peer['per_forward_s']:.3f}{spread} | | | | | "
+                     f"{peer['peak_gb']:.1f} | default | | |")
     st = record.get("stages")
     if st and "error" not in st:
         lines.append(f"\nstages: T5 encode {st['t5_encode_s']:.2f} s (+{st['t5_to_gpu_s']:.2f} s up, "
