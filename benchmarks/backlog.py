@@ -13,7 +13,8 @@ A row measured "ok" with the same command at the same code version on the same G
 any --done folder) is skipped, so two or three calls finish the list. The code version is a hash of the code's bytes
 (wan/, benchmarks/ without results/ and this tool, tests/, generate.py): the same on a copied tree without .git (the
 GPU machine), unchanged when only results, documents or the backlog's estimates change, and different for any code
-change, committed or not.
+change, committed or not. A row measured ok only at an earlier code version (the committed results that the documents
+cite) is skipped too, so a later session starts with what was never measured; `--stale` measures such rows again.
 `--list` prints the plan (what would run, what is done, what does not fit) and runs nothing; it works on a CPU.
 """
 from __future__ import annotations
@@ -300,9 +301,9 @@ def code_version(root: Path = ROOT) -> str:
     return "code-" + h.hexdigest()[:12]
 
 
-def find_done(folders: list[Path], rows, slug: str, version: str) -> dict[str, Path]:
+def find_done(folders: list[Path], rows, slug: str, version: str | None) -> dict[str, Path]:
     """Row name -> a result file (in any of `folders`) that measured it ok, with the same command, at code
-    `version` on a `slug` GPU."""
+    `version` (None: at any code version) on a `slug` GPU."""
     commands = {row.name: row.command() for row in rows}
     done = {}
     for folder in folders:
@@ -311,19 +312,24 @@ def find_done(folders: list[Path], rows, slug: str, version: str) -> dict[str, P
                 rec = json.loads(path.read_text()).get("backlog")
             except (OSError, ValueError, AttributeError):
                 continue
-            if isinstance(rec, dict) and rec.get("status") == "ok" and rec.get("code_version") == version \
+            if isinstance(rec, dict) and rec.get("status") == "ok" and version in (None, rec.get("code_version")) \
                     and rec.get("gpu_slug") == slug and rec.get("command") == commands.get(rec.get("row")):
                 done.setdefault(rec["row"], path)
     return done
 
 
-def plan(rows, slug: str, done: dict[str, Path], chosen: bool) -> list[tuple[Row, str]]:
+def plan(rows, slug: str, done: dict[str, Path], chosen: bool, earlier: dict[str, Path] | None = None
+         ) -> list[tuple[Row, str]]:
     """(row, why) for every row: why is "pending", or the reason it is skipped. Rows named by --rows (`chosen`) run
-    on any GPU; the others only on the GPUs they are for."""
-    out = []
+    on any GPU; the others only on the GPUs they are for. `earlier`: rows measured ok only at other code versions,
+    skipped too (their files are what the documents cite; --stale leaves this empty to measure them again)."""
+    out, earlier = [], earlier or {}
     for row in rows:
         if row.name in done:
             out.append((row, f"done: ok at this code version on {slug} ({done[row.name]})"))
+        elif row.name in earlier:
+            out.append((row, f"done: ok at an earlier code version on {slug} ({earlier[row.name]}; --stale "
+                             "measures it again)"))
         elif row.gpus and slug not in row.gpus and not chosen:
             out.append((row, f"not for this GPU (for {', '.join(row.gpus)}; name it in --rows to run it anyway)"))
         else:
@@ -513,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--done", action="append", default=[], metavar="FOLDER",
                    help="also skip rows measured ok in result files here (repeatable; --out is always searched)")
     p.add_argument("--rows", default="", help="comma-separated row names (default: all, in priority order)")
+    p.add_argument("--stale", action="store_true",
+                   help="also run rows measured ok only at an earlier code version (skipped by default)")
     p.add_argument("--list", "--dry_run", dest="list", action="store_true", help="print the plan, run nothing")
     p.add_argument("--gpu", default=None, help="plan (--list) for this GPU name, e.g. h100, instead of this one's")
     return p
@@ -557,8 +565,11 @@ def main(argv=None) -> int:
         slug += f"-as-{float(os.environ[EMULATE_ENV]):g}gib"
     out = Path(args.out)
     rows = [r for r in ROWS if not names or r.name in names]
-    done = find_done([out, *map(Path, args.done)], rows, slug, version)
-    entries = plan(rows, slug, done, chosen=bool(names))
+    folders = [out, *map(Path, args.done)]
+    done = find_done(folders, rows, slug, version)
+    earlier = {} if args.stale else \
+        {k: v for k, v in find_done(folders, rows, slug, None).items() if k not in done}
+    entries = plan(rows, slug, done, chosen=bool(names), earlier=earlier)
     print(f"GPU {name} ({slug}); code version {version} (git {git_commit()}); deadline {args.deadline:g} s; "
           f"results to {out}", flush=True)
     if args.list:
@@ -572,8 +583,8 @@ def main(argv=None) -> int:
     for row, why in entries:
         if why != "pending":
             print(f"{row.name}: skipped, {why}")
-            skipped[row.name] = dict(row=row.name, status="skipped_done" if row.name in done else "skipped_gpu",
-                                     file=str(done.get(row.name, "")))
+            was = done.get(row.name) or earlier.get(row.name)
+            skipped[row.name] = dict(row=row.name, status="skipped_done" if was else "skipped_gpu", file=str(was or ""))
     info = dict(code_version=version, git_commit=git_commit(),
                 code_commit=git("log", "-1", "--format=%h", "--", *CODE_PATHS, *(f":!{p}" for p in NOT_CODE)),
                 gpu=name, gpu_slug=slug, backlog_deadline_s=args.deadline)

@@ -57,6 +57,29 @@ def test_only_rows_done_ok_at_this_code_version_on_this_gpu_are_skipped(tmp_path
     assert named[0][1] == "pending"  # named in --rows: runs on any GPU
 
 
+def test_rows_measured_at_earlier_code_are_skipped_unless_stale(tmp_path, capsys):
+    """A later session starts with what was never measured: a row ok at another code version (what the documents
+    cite) is skipped, at this version preferred; --stale measures it again. Failed rows and other GPUs never count."""
+    version = backlog.code_version()
+    done_file(tmp_path, "gpu_tier", code_version="code-old")
+    done_file(tmp_path, "stream_480p_16gb", code_version="code-old", status="failed")
+    done_file(tmp_path, "whole_480p_16gb", code_version="code-old", gpu_slug="h200")
+    now = done_file(tmp_path, "whole_720p_24gb", code_version=version)
+    (tmp_path / "whole_720p_24gb_old.json").write_text(now.read_text().replace(version, "code-old"))
+    args = ["--list", "--gpu", "h100", "--out", str(tmp_path / "out"), "--done", str(tmp_path), "--deadline", "540"]
+    assert backlog.main(args) == 0
+    out = capsys.readouterr().out
+    assert "| gpu_tier | 300 | any | done: ok at an earlier code version on h100" in out
+    assert "| whole_720p_24gb | 240 | any | done: ok at this code version on h100" in out
+    assert "| stream_480p_16gb | 330 | any | would run at about 0-330 s |" in out  # failed: still pending
+    assert "| whole_480p_16gb | 220 | any | would run at about 330-550 s |" not in out  # (540 s call: no room)
+    assert "| whole_480p_16gb | 220 | any | pending" in out  # the H200's result does not count on an H100
+    assert backlog.main([*args, "--stale"]) == 0
+    out = capsys.readouterr().out
+    assert "| gpu_tier | 300 | any | would run at about 0-300 s |" in out
+    assert "| whole_720p_24gb | 240 | any | done: ok at this code version on h100" in out
+
+
 def test_list_plans_without_running(tmp_path, capsys):
     version = backlog.code_version()
     done_file(tmp_path, "gpu_tier", code_version=version)
