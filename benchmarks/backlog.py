@@ -177,19 +177,6 @@ ROWS: tuple[Row, ...] = (
                                    _FEWSTEP_OPTIONS, "--variant", _FP8_VARIANT), 420,
         "the 4-step 720p video with fp8 linears and fp8 attention beside the bf16 one, its error and the GB of both "
         "fp8 experts on the GPU: targets at most 35 s and 34 GB", key=_fp8_key),
-    Row("waterfall_720p_peer", _bench("waterfall", "--res", "720p", "--rows", "8", "--peer", "--steps", "3"), 300,
-        "720p: the --fast row and the diffusers peer, three timed steps / forwards each (the + fused_qk_rope row "
-        "waits for the kernel to compile: refused with --compile since the H100 run)", key=_waterfall_key),
-    Row("waterfall_720p_h100", _bench("waterfall", "--res", "720p", "--rows", "1,8", "--peer", "--steps", "3"), 420,
-        "H100 720p: the reference's single-GPU setting, --fast and the peer in one run", gpus=("h100",),
-        key=_waterfall_key),
-    Row("cli_720p_fast", _bench("rows", "--res", "720p", "full", "--cli_plan", "--options", _FAST, "--sampling_steps",
-                                "4", "--solver", "euler", "--shift", "5", "--guide", "3", "4", "--repeat", "0",
-                                deadline=False), 180,
-        "H100 720p: the plain --fast whole run (4 Euler steps with CFG over both experts: 40 do not fit a call) on "
-        "the plan generate.py picks for the card's free memory; its peak", gpus=("h100",), key=_full_key),
-    Row("fewstep_720p", _bench("fewstep", "--res", "720p", "--repeat", "2"), 470,
-        "H100 720p: a 4-step LoRA video beside the 40-step --fast row", gpus=("h100",), key=_fewstep_key),
     Row("i2v_waterfall_720p", _bench("waterfall", "--task", "i2v", "--res", "720p", "--rows", "1,8", "--beside_t2v",
                                      "--stages", "--steps", "3"), 480,
         "I2V 720p: the original I2V path (bf16 experts offloaded), I2V --fast and T2V --fast beside it at the same "
@@ -204,13 +191,6 @@ ROWS: tuple[Row, ...] = (
     # the 720p waterfall rows, plus about 15% for an H100
     # checkpoint layouts (issue 20): one random A14B expert in bf16 written in each layout (one on disk at a time,
     # 28.6 GB at most), its load onto the GPU timed against the official layout's
-    Row("layouts_a14b_comfy", _bench("layouts", "--size", "a14b", "--device", "cuda", "--repeat", "2", "--layouts",
-                                     "official,comfy_bf16,fp8_scaled", "--out", OUT, deadline=False), 420,
-        "load time onto the GPU of one A14B expert: official, ComfyUI bf16, fp8_scaled (target: within 10% of the "
-        "official layout's for the same dtype)"),
-    Row("layouts_a14b_diffusers", _bench("layouts", "--size", "a14b", "--device", "cuda", "--repeat", "2",
-                                         "--layouts", "official,diffusers,gguf_q8_0", "--out", OUT, deadline=False),
-        420, "load time onto the GPU of one A14B expert: official, Diffusers, GGUF Q8_0"),
     Row("cache_480p_magcache", _cache_ab(_FAST, "magcache"), 500,
         "a whole 480p 40-step --fast video without and with --cache magcache (published settings, 52 of 80 calls) on "
         "the same weights: video and DiT seconds, latent drift and decoded-video PSNR / SSIM against the uncached "
@@ -220,14 +200,6 @@ ROWS: tuple[Row, ...] = (
         "720p --fast: a reused step of each cache against a computed one, through the real loop (target: at most 3%), "
         "and MagCache's 40-step DiT time projected from them and its schedule (target: at most 0.67x)",
         key=_cache_cost_key),
-    Row("cache_480p_easycache", _cache_ab(_FAST, "easycache"), 500,
-        "the 480p A/B with --cache easycache (adaptive: on random weights its schedule shows the mechanics, not the "
-        "reuse real weights allow)", key=_cache_ab_key),
-    Row("cache_480p_magcache_fp8", _cache_ab(_FAST_FP8, "magcache"), 480,
-        "the 480p A/B of --cache magcache on top of the fp8 tier (fp8 linears and fp8 attention in both videos)",
-        key=_cache_ab_key),
-    # issue 21 (TI2V-5B): estimates from the A14B rows scaled by the model (5B, 27,280 tokens at 1280x704 x 121) and
-    # the Wan 2.2 VAE's counted decode work (1006 TMAC at 720p x 121, about 3x the 2.1 decode's); none measured yet
     Row("ti2v_waterfall_720p", _bench("waterfall", "--task", "ti2v", "--res", "720p", "--rows", "0,1,8", "--steps",
                                       "3"), 330,
         "TI2V-5B 720p (1280x704, 121 frames, image mode): the original path (fp32 weights, as the reference on an "
@@ -253,6 +225,36 @@ ROWS: tuple[Row, ...] = (
                                        "--only_whole_run"), 240,
         "TI2V-5B: the whole 720p --fast run under a 16 GB cap (planned block-streamed, VAE in 4 bands, 10.0 GB): "
         "its peak", key=_whole_run_key),
+    Row("cache_480p_easycache", _cache_ab(_FAST, "easycache"), 500,
+        "the 480p A/B with --cache easycache (adaptive: on random weights its schedule shows the mechanics, not the "
+        "reuse real weights allow)", key=_cache_ab_key),
+    Row("cache_480p_magcache_fp8", _cache_ab(_FAST_FP8, "magcache"), 480,
+        "the 480p A/B of --cache magcache on top of the fp8 tier (fp8 linears and fp8 attention in both videos)",
+        key=_cache_ab_key),
+    # issue 21 (TI2V-5B): estimates from the A14B rows scaled by the model (5B, 27,280 tokens at 1280x704 x 121) and
+    # the Wan 2.2 VAE's counted decode work (1006 TMAC at 720p x 121, about 3x the 2.1 decode's); none measured yet
+    Row("layouts_a14b_comfy", _bench("layouts", "--size", "a14b", "--device", "cuda", "--repeat", "2", "--layouts",
+                                     "official,comfy_bf16,fp8_scaled", "--out", OUT, deadline=False), 420,
+        "load time onto the GPU of one A14B expert: official, ComfyUI bf16, fp8_scaled (target: within 10% of the "
+        "official layout's for the same dtype)"),
+    Row("layouts_a14b_diffusers", _bench("layouts", "--size", "a14b", "--device", "cuda", "--repeat", "2",
+                                         "--layouts", "official,diffusers,gguf_q8_0", "--out", OUT, deadline=False),
+        420, "load time onto the GPU of one A14B expert: official, Diffusers, GGUF Q8_0"),
+    # issue 18's rows left after the H100 sessions: an H200's peer re-measure, the CLI row again (--fast gained
+    # fast_encode, a no-op for t2v), the 4-step LoRA video beside 40 steps (its bf16 4-step video is in the fp8 row)
+    Row("waterfall_720p_peer", _bench("waterfall", "--res", "720p", "--rows", "8", "--peer", "--steps", "3"), 300,
+        "720p: the --fast row and the diffusers peer, three timed steps / forwards each (the + fused_qk_rope row "
+        "waits for the kernel to compile: refused with --compile since the H100 run)", key=_waterfall_key),
+    Row("waterfall_720p_h100", _bench("waterfall", "--res", "720p", "--rows", "1,8", "--peer", "--steps", "3"), 420,
+        "H100 720p: the reference's single-GPU setting, --fast and the peer in one run", gpus=("h100",),
+        key=_waterfall_key),
+    Row("cli_720p_fast", _bench("rows", "--res", "720p", "full", "--cli_plan", "--options", _FAST, "--sampling_steps",
+                                "4", "--solver", "euler", "--shift", "5", "--guide", "3", "4", "--repeat", "0",
+                                deadline=False), 180,
+        "H100 720p: the plain --fast whole run (4 Euler steps with CFG over both experts: 40 do not fit a call) on "
+        "the plan generate.py picks for the card's free memory; its peak", gpus=("h100",), key=_full_key),
+    Row("fewstep_720p", _bench("fewstep", "--res", "720p", "--repeat", "2"), 470,
+        "H100 720p: a 4-step LoRA video beside the 40-step --fast row", gpus=("h100",), key=_fewstep_key),
 )
 
 
