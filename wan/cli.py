@@ -400,22 +400,18 @@ def _check_weight_paths(args, cfg) -> None:
     """args.weight_paths (wan.formats.WeightPaths); --ckpt_dir may be left out only when every component is given.
     The DiT flags follow the task: --dit for a one-model task (ti2v), --dit_high and --dit_low for the A14B ones."""
     from .formats import WeightPaths
+    from .formats.resolve import dit_flags_problem
 
     args.weight_paths = WeightPaths(**{f: getattr(args, f) for f in WEIGHT_FLAGS})
     given = args.weight_paths.given()
     for flag, path in given.items():
         if not path.exists():
             raise UsageError(f"--{flag} {path} does not exist")
-    one_model = cfg.boundary is None
-    wrong = [f for f in (("dit_high", "dit_low") if one_model else ("dit",)) if f in given]
-    if wrong and one_model:
-        raise UsageError(f"--{wrong[0]}: {args.task} has one DiT; pass it with --dit FILE (--dit_high and --dit_low "
-                         "are for the two-expert A14B tasks)")
-    if wrong:
-        raise UsageError(f"{args.task} has two experts: pass --dit_high FILE and --dit_low FILE (--dit is for "
-                         "one-model tasks)")
+    problem = dit_flags_problem(cfg, given)
+    if problem:
+        raise UsageError(problem)
     if cfg.needs_ckpt_dir and not args.ckpt_dir:
-        dits = ("dit",) if one_model else ("dit_high", "dit_low")
+        dits = ("dit",) if cfg.boundary is None else ("dit_high", "dit_low")
         components = (*dits, "t5", "vae", "tokenizer")
         missing = [f"--{f} {'DIR' if f == 'tokenizer' else 'FILE'}" for f in components if f not in given]
         if len(missing) == len(components):

@@ -299,18 +299,27 @@ def _folder_layout(config, ckpt: Path) -> tuple[str, dict[str, Path]]:
     return "official", official
 
 
+def dit_flags_problem(config, given) -> str | None:
+    """One line if the DiT files given (names of WeightPaths fields) do not fit the task's models, else None: a
+    one-model task (TI2V-5B) takes `dit`, the two-expert tasks `dit_high` and `dit_low`."""
+    one_model = config.boundary is None
+    wrong = [f for f in (("dit_high", "dit_low") if one_model else ("dit",)) if f in given]
+    if wrong and one_model:
+        return (f"--{wrong[0]}: {config.name} has one DiT; pass it with --dit FILE (--dit_high and --dit_low are for "
+                "the two-expert A14B tasks)")
+    if wrong:
+        return f"{config.name} has two experts: pass --dit_high FILE and --dit_low FILE (--dit is for one-model tasks)"
+    return None
+
+
 def resolve_weights(config, ckpt_dir=None, paths: WeightPaths | None = None) -> ResolvedWeights:
     """Plan every component of a task (`config` a TaskConfig: two experts, or one model for TI2V-5B) from headers;
     nothing is loaded."""
     given = (paths or WeightPaths()).given()
+    problem = dit_flags_problem(config, given)
+    if problem:
+        raise PathError(problem)
     one_model = config.boundary is None
-    wrong = [f for f in (("dit_high", "dit_low") if one_model else ("dit",)) if f in given]
-    if wrong and one_model:
-        raise PathError(f"--{wrong[0]}: {config.name} has one DiT; pass it with --dit FILE (--dit_high and --dit_low "
-                        "are for the two-expert A14B tasks)")
-    if wrong:
-        raise PathError(f"{config.name} has two experts: pass --dit_high FILE and --dit_low FILE (--dit is for "
-                        "one-model tasks)")
     for name, p in given.items():
         _check_path(f"--{name}", p)
     folder, defaults = ("none", {}) if ckpt_dir is None else _folder_layout(config, Path(ckpt_dir))
