@@ -144,3 +144,41 @@ def test_an_off_by_one_bit_is_caught():
     i = int(torch.nonzero(got.reshape(-1)).reshape(-1)[0])
     got.view(torch.int32).reshape(-1)[i] ^= 1
     assert not same_bits(got, want)
+
+
+# ---- files: the writer (wan.testing.layouts) and the real loader -------------------------------------------------
+MIXES = {"Q4_K_M": ("Q4_K", "Q6_K"), "Q5_K_M": ("Q5_K", "Q6_K")}  # llama.cpp's _M files: some tensors in Q6_K
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q4_K_M", "Q5_K_M"])
+def test_gguf_file_loads_equal_to_the_package(tiny_ckpt, tmp_path, kind):
+    """A tiny expert written as a GGUF of `kind` (K-quants where 256 divides the rows: text_embedding.0 and
+    time_embedding.0; Q8_0 for the rest), loaded by load_dit: every tensor equal to the package's dequantization,
+    in fp32 and cast to bf16."""
+    from wan.configs import WAN_CONFIGS
+    from wan.formats import dit_source
+    from wan.modules.checkpoint import load_dit
+    from wan.modules.model import WanModel
+    from wan.testing import layouts as L
+
+    arch = WAN_CONFIGS["t2v-tiny"].arch
+    qtype_, mixed = MIXES.get(kind, (kind, None))
+    path = tmp_path / f"{kind}.gguf"
+    types = L.write_gguf_dit(tiny_ckpt / "high_noise_model", path, qtype_,
+                             override={"time_embedding.0.weight": mixed} if mixed else None)
+    written = set(types.values())
+    assert qtype_ in written and (mixed is None or mixed in written)
+    src = dit_source(path, "x", arch)
+    assert f"gguf {qtype_}" in src.counts()
+    ref = L.gguf_reference(path)
+    got32 = load_dit(WanModel, src, None).state_dict()
+    got16 = load_dit(WanModel, src, torch.bfloat16).state_dict()
+    assert ref.keys() == got32.keys()
+    for k, v in ref.items():
+        assert got32[k].dtype == torch.float32 and torch.equal(got32[k].view(torch.int32), v.view(torch.int32)), k
+        assert torch.equal(got16[k], v.to(torch.bfloat16)), k
+    official = L.official_dit_state(tiny_ckpt / "high_noise_model")  # and the writer's quantizers are sound
+    for k, t in types.items():
+        if t not in ("F32", "F16"):
+            rel = ((got32[k] - official[k]).norm() / official[k].norm()).item()
+            assert rel < {"4": 0.12, "5": 0.06, "6": 0.03, "8": 0.01}[t[1]], (k, t, rel)
