@@ -5,7 +5,7 @@
 
 One random expert (seeded, drawn per tensor: wan.testing.random_init) is written in the official layout and again in
 each other layout (wan.testing.layouts: Diffusers transformer/ folder, ComfyUI fp16 / bf16 single files, fp8_scaled,
-GGUF Q8_0 and Q4_K), then loaded with `load_dit` (headers planned, keys mapped, shapes checked, dequantized) into
+GGUF Q8_0, Q4_K and Q6_K), then loaded with `load_dit` (headers planned, keys mapped, shapes checked, dequantized) into
 `--dtype` on `--device`. Per layout: bytes on disk, load seconds (min and median of --repeat, the files in the page
 cache: they were just written), the ratio to the official layout's load into the same dtype, and the weight error
 (relative RMS over all weights and the largest per-tensor relative RMS) against the official fp32 weights, loaded in
@@ -17,7 +17,8 @@ weights.
 
 Sizes: tiny (the t2v-tiny DiT), small (dim 512, 4 blocks: errors less dominated by 64-wide rows), a14b (one A14B
 expert: built in bf16 on the GPU, the official layout written in bf16, 28.6 GB, not fp32: the disk holds one layout at
-a time, each deleted after its row; Q4_K is skipped there, the gguf package writes K-quants at numpy speed).
+a time, each deleted after its row; leave out Q4_K / Q6_K there: wan.testing.gguf_quants writes K-quants at numpy
+speed).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ from wan.testing import layouts as L
 from wan.testing.random_init import materialize_random_
 
 SIZES = {"tiny": TINY, "small": replace(TINY, dim=512, ffn_dim=2048, num_heads=4, num_layers=4), "a14b": A14B}
-LAYOUTS = ("official", "diffusers", "comfy_fp16", "comfy_bf16", "fp8_scaled", "gguf_q8_0", "gguf_q4_k")
+LAYOUTS = ("official", "diffusers", "comfy_fp16", "comfy_bf16", "fp8_scaled", "gguf_q8_0", "gguf_q4_k", "gguf_q6_k")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -58,9 +59,10 @@ def write_layout(layout: str, official: Path, out: Path, config) -> Path:
         return L.write_fp8_scaled_dit(official, out / "fp8_scaled.safetensors", config, rest_dtype=torch.bfloat16)
     if layout == "gguf_q8_0":
         return _gguf_q8_0(official, out / "q8_0.gguf")
-    if layout == "gguf_q4_k":
-        L.write_gguf_dit(official, out / "q4_k.gguf", "Q4_K")
-        return out / "q4_k.gguf"
+    if layout in ("gguf_q4_k", "gguf_q6_k"):
+        path = out / f"{layout.removeprefix('gguf_')}.gguf"
+        L.write_gguf_dit(official, path, layout.removeprefix("gguf_").upper())
+        return path
     raise ValueError(layout)
 
 

@@ -79,7 +79,8 @@ def test_loader_keeps_one_file_tensor_alive_above_the_weights(monkeypatch, tmp_p
     assert tracker.max_live_bytes <= tracker.largest
 
 
-@pytest.mark.parametrize("layout", ["diffusers", "comfy_fp16", "fp8_scaled", "gguf_q8_0", "gguf_q4_k"])
+@pytest.mark.parametrize("layout", ["diffusers", "comfy_fp16", "fp8_scaled", "gguf_q8_0", "gguf_q4_k",
+                                    "gguf_q6_k"])
 def test_every_layout_keeps_one_file_tensor_alive_above_the_weights(monkeypatch, tmp_path, tiny_ckpt, layout):
     """The same bound for every reader: Diffusers shards, a ComfyUI 16-bit file, fp8_scaled (its scalar scale is
     copied before the weight is read) and GGUF (dequantized to fp32, then cast)."""
@@ -102,7 +103,7 @@ def test_every_layout_keeps_one_file_tensor_alive_above_the_weights(monkeypatch,
     else:
         pytest.importorskip("gguf")
         path = tmp_path / "f.gguf"
-        L.write_gguf_dit(expert, path, {"gguf_q8_0": "Q8_0", "gguf_q4_k": "Q4_K"}[layout])
+        L.write_gguf_dit(expert, path, layout.removeprefix("gguf_").upper())
     source = dit_source(path, "x", cfg.arch)
     tracker = LiveFileTensors(safetensors.safe_open)
     monkeypatch.setattr(safetensors, "safe_open", tracker)

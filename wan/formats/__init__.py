@@ -3,7 +3,7 @@ dequantized as the tool that wrote them computes it, yielded one tensor at a tim
 
   headers.py   what a file holds (safetensors, GGUF, torch .pth), from its header only
   keys.py      one key map per component and naming (official, Diffusers, Hugging Face T5)
-  quant.py     fp8_scaled (ComfyUI's formula) and GGUF (the gguf package) dequantization
+  quant.py     fp8_scaled (ComfyUI's formula) and GGUF (the gguf package's arithmetic; torch ports) dequantization
   source.py    WeightSource: one component's plan (prefix, renames, quantization, shapes) and its reader
   resolve.py   --ckpt_dir (official or Diffusers folder) + per-component paths -> every component's WeightSource
 

@@ -98,7 +98,7 @@ class WeightSource:
             dt = _name(dtype) if dtype else "the load dtype"
             done.append(f"fp8 dequantized as ComfyUI does, W.to({dt}) * scale.to({dt})")
         if self.headers[0].container == "gguf" and self.quantized():
-            done.append("dequantized by the gguf package (float32)")
+            done.append("dequantized as the gguf package computes it (float32)")
         stored = {FLOAT_TYPES[p.dtype] for p in self.plans.values() if p.dtype in FLOAT_TYPES}
         if dtype is not None and (stored - {dtype} or self.headers[0].container == "gguf"):
             done.append(f"cast to {_name(dtype)}")
@@ -168,8 +168,8 @@ class _gguf:
 
 
 def read_gguf_tensor(tensor, type_name: str, shape: tuple[int, ...], device=None) -> torch.Tensor:
-    """One GGUF tensor, dequantized to float32 (on `device` for Q8_0, else on the CPU); the only place GGUF data is
-    read (tests wrap it)."""
+    """One GGUF tensor, dequantized to float32 (on `device` for the types with a torch port: Q8_0, Q4_K, Q6_K, ...;
+    else on the CPU); the only place GGUF data is read (tests wrap it)."""
     return dequantize_gguf(tensor.data, type_name, shape, device)
 
 

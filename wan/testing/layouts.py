@@ -11,9 +11,10 @@ those tools (shared/reference/checkpoint_layouts_facts.md), for tests and benchm
                            (new), the `scaled_fp8` marker; everything else kept in `rest_dtype`
   write_hf_t5              the T5 with Hugging Face names (ComfyUI's umt5_xxl files), fp16 or fp8_scaled
   write_gguf_dit           city96's GGUF rules: 1-D, <= 1024-element and *.modulation tensors F32; the 5-D
-                           patch_embedding F32 with its comfy.gguf.orig_shape; the rest in `qtype` (Q8_0 through the
-                           gguf package, Q4_K through wan.testing.gguf_quants), falling back to Q8_0 / F16 for rows the
-                           block size does not divide, as llama.cpp's quantizer does
+                           patch_embedding F32 with its comfy.gguf.orig_shape; the rest in `qtype` (Q8_0, Q4_0, Q4_1,
+                           Q5_0, Q5_1 through the gguf package, Q4_K, Q5_K, Q6_K through wan.testing.gguf_quants),
+                           falling back to Q8_0 / F16 for rows the block size does not divide, as llama.cpp's
+                           quantizer does; `override` mixes types per tensor (Q4_K_M: Q4_K + some Q6_K)
 """
 from __future__ import annotations
 
@@ -205,20 +206,26 @@ def quantize_q8_0_torch(x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], x.shape[-1] // 32 * 34)
 
 
+GGUF_WRITABLE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")  # the quantized types written
+
+
 def gguf_quantize(data: np.ndarray, type_name: str) -> np.ndarray:
-    """float32 [.., n] -> the stored array (uint8 blocks, or F32 / F16 values)."""
+    """float32 [.., n] -> the stored array (uint8 blocks, or F32 / F16 values): K-quants by wan.testing.gguf_quants,
+    the rest by the gguf package's quantizer."""
     import gguf
 
-    from .gguf_quants import quantize_q4_k
+    from .gguf_quants import quantize_q4_k, quantize_q5_k, quantize_q6_k
 
-    if type_name == "Q4_K":
-        return quantize_q4_k(data)
+    k_quant = {"Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k}.get(type_name)
+    if k_quant is not None:
+        return k_quant(data)
     return gguf.quants.quantize(data, getattr(gguf.GGMLQuantizationType, type_name))
 
 
 def write_gguf_dit(expert_dir, path, qtype: str = "Q8_0", prefix: str = "", override: dict | None = None) -> dict:
     """A GGUF expert by city96's rules (module docstring); returns {official name: ggml type written}.
-    `override` {name: type} forces a tensor's type (e.g. one the gguf package cannot dequantize)."""
+    `override` {name: type} forces a tensor's type (another of GGUF_WRITABLE, as Q4_K_M files mix Q4_K and Q6_K;
+    or one nobody writes here, e.g. one the gguf package cannot dequantize: random raw bytes)."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch="wan")
@@ -232,7 +239,7 @@ def write_gguf_dit(expert_dir, path, qtype: str = "Q8_0", prefix: str = "", over
         types[k] = t
         if t in ("F32", "F16"):
             writer.add_tensor(prefix + k, gguf_quantize(arr, t))
-        elif t in (override or {}).values() and t not in ("Q8_0", "Q4_K"):  # raw bytes of a type nobody decodes
+        elif k in (override or {}) and t not in GGUF_WRITABLE:  # a type nobody writes here (or decodes): random bytes
             block, size = gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, t)]
             raw = np.random.default_rng(0).integers(0, 255, (arr.shape[0], arr.shape[1] // block * size), np.uint8)
             writer.add_tensor(prefix + k, raw, raw_dtype=getattr(gguf.GGMLQuantizationType, t))
