@@ -61,3 +61,18 @@ def test_loader_peak_is_the_kept_weights_plus_one_fp32_tensor(tmp_path, gpu_reco
                shards=len(list((tmp_path / "expert").glob("*.safetensors"))))
     assert abs(kept - _model_bytes(loaded)) < 16 * 2**20 and next(loaded.parameters()).dtype == torch.bfloat16
     assert peak - kept <= largest * 1.01
+
+
+def test_gguf_torch_ports_on_the_gpu_equal_the_cpu_ports(gpu_record):
+    """The GGUF ports dequantize on the load device: on the GPU they give the CPU port's bits (which equal the gguf
+    package's, tests/test_gguf_torch.py; the package is not needed here). Random blocks; every fp16 field sits at an
+    even byte offset, so clearing bit 6 of each odd byte makes every scale finite."""
+    from wan.formats.quant import TORCH_PORTS
+
+    g = torch.Generator().manual_seed(0)
+    for name, (size, port) in TORCH_PORTS.items():
+        raw = torch.randint(0, 256, (4099, size), generator=g, dtype=torch.uint8)
+        raw[:, 1::2] &= 0xBF
+        cpu, gpu = port(raw), port(raw.cuda()).cpu()
+        assert torch.equal(cpu.view(torch.int32), gpu.view(torch.int32)), name
+    gpu_record(types=sorted(TORCH_PORTS))
