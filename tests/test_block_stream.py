@@ -80,6 +80,28 @@ def test_t5_is_streamed_by_layers_and_its_ring_given_back(tiny_ckpt):
     assert pipe(tiny_ckpt, stream_blocks=2, t5_cpu=True).placement.t5_streamer is None
 
 
+def test_resident_run_with_t5_stream_encodes_the_same_and_generates_the_same(tiny_ckpt, resident):
+    """--t5_stream on a resident run: T5 through its 2-slot ring, experts resident; the same embeddings and the same
+    video bit for bit as the whole-copy encode."""
+    ref = pipe(tiny_ckpt)
+    p = pipe(tiny_ckpt, offload_model=False, t5_stream=True)
+    assert p.placement.name == "resident" and p.placement.t5_streamer is not None
+    assert "resident: experts on" in p.placement.describe() and "T5 in host memory streamed by layers" in \
+        p.placement.describe()
+    out, want = p.placement.encode([PROMPT, "two dogs"]), ref.placement.encode([PROMPT, "two dogs"])
+    assert all(torch.equal(a, b) for a, b in zip(out, want)) and p.placement.t5_streamer.slots is None
+    video, latent = run(p)
+    assert torch.equal(latent, resident[1]) and torch.equal(video, resident[0])
+
+
+@pytest.mark.parametrize("bad", [dict(t5_cpu=True), dict(offload_model=True), dict(t5_fsdp=True)])
+def test_t5_stream_refused_where_it_cannot_apply(bad):
+    from wan.options import RuntimeOptions
+
+    with pytest.raises(ValueError, match="--t5_stream"):
+        RuntimeOptions(t5_stream=True, **bad)
+
+
 def test_streamer_prefetches_in_program_order():
     model = build_tiny_dit(1)
     ref = build_tiny_dit(1)

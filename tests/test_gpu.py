@@ -100,6 +100,20 @@ def test_block_streamed_equals_resident_on_gpu(tiny_ckpt, gpu_record):
     assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
 
 
+def test_resident_with_streamed_t5_equals_resident_on_gpu(tiny_ckpt, gpu_record):
+    """--t5_stream (the plan's choice where T5's whole copy would be the peak): experts resident, T5's blocks pinned
+    on the host and streamed through their ring; the same bits as the whole-copy encode."""
+    a = run(pipe_for(tiny_ckpt, offload_model=False, convert_model_dtype=True))
+    p = pipe_for(tiny_ckpt, offload_model=False, convert_model_dtype=True, t5_stream=True)
+    b = run(p)
+    t5 = p.text_encoder.model.encoder
+    gpu_record(t5_copies=p.placement.t5_streamer.copies, max_abs_latent=(a[1] - b[1]).abs().max().item())
+    assert p.high_noise_model.blocks[0].self_attn.q.weight.is_cuda
+    assert all(t.is_pinned() for t in t5.block[0].parameters())
+    assert p.placement.t5_streamer.slots is None and p.placement.t5_streamer.copies > 0
+    assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
+
+
 def test_tf32_is_restored_and_ab_equals_fresh_pipelines(tiny_ckpt, gpu_record):
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     pipe = pipe_for(tiny_ckpt, offload_model=False)

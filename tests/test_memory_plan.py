@@ -225,7 +225,46 @@ def test_ti2v_plan_counts_one_model_and_the_wan22_vae():
     assert activation_bytes_per_token(A14B) == 84e3 and 70e3 < activation_bytes_per_token(TI2V_5B) < 80e3
     # the plans README states (estimates): resident on 80 GB, resident + VAE bands under 24, streamed under 16
     assert choose(80, **kw).placement == "resident" and not choose(80, **kw).vae_bands
-    assert (choose(24, **kw).placement, choose(24, **kw).vae_bands) == ("resident", 4)
+    assert (choose(24, **kw).placement, choose(24, **kw).vae_bands, choose(24, **kw).t5_streamed) == \
+        ("resident", 4, True)  # T5's whole copy beside the model would be the peak: streamed by layers
     assert (choose(16, **kw).placement, choose(16, **kw).vae_bands) == ("stream", 4)
     t2v = estimate("resident", **plan_inputs(WAN_CONFIGS["t2v-A14B"], fast_options(), (1280, 720, 81), 11.4e9))
     assert t2v.peak_gb > 2 * plan.peak_gb  # two 14B experts
+
+
+def test_a_resident_plan_streams_t5_where_its_whole_copy_would_be_the_peak():
+    """Under a budget a resident plan whose text phase (T5's whole copy beside the DiTs) is its peak streams T5 by
+    layers instead; the uncapped --fast check keeps the whole copy where it fits; --t5_cpu or an explicit
+    --t5_stream are taken as given."""
+    from wan.configs import WAN_CONFIGS
+    from wan.memory_plan import fast_budget, plan_inputs
+    from wan.options import fast_options
+
+    kw = plan_inputs(WAN_CONFIGS["ti2v-5B"], fast_options(), (1280, 704, 121), 11.4e9)
+    whole = choose(24, prefer_t5_stream=False, **kw)
+    streamed = choose(24, **kw)
+    assert max(whole.phases, key=whole.phases.get) == "text" and not whole.t5_streamed
+    assert streamed.t5_streamed and streamed.phases["text"] < whole.phases["text"] - 10
+    assert streamed.peak_gb < whole.peak_gb and "T5 streamed by layers" in streamed.describe()
+    assert not choose(24, **{**kw, "t5_cpu": True}).t5_streamed
+    assert estimate("resident", **{**kw, "t5_streamed": True}).phases == \
+        choose(100, **{**kw, "t5_streamed": True}).phases  # explicit: no choice left
+    # A14B at 480p on an 80 GB card: the plain --fast run (T5's whole copy) fits: unchanged, uncapped
+    a14b = plan_inputs(WAN_CONFIGS["t2v-A14B"], fast_options(), (832, 480, 81), 11.4e9)
+    options, line = fast_budget(fast_options(), 84.5, **a14b)
+    assert options == fast_options() and "T5 streamed" not in line
+    assert choose(84.5, **a14b).t5_streamed  # under an explicit budget the lower peak is chosen
+
+
+def test_pipeline_sets_t5_stream_from_the_plan(tiny_ckpt, monkeypatch):
+    """The plan's choice becomes the resident placement's streamed T5 (options and log say so)."""
+    from wan import memory_plan
+    from wan.configs import WAN_CONFIGS
+    from wan.options import RuntimeOptions
+    from wan.text2video import WanT2V
+
+    plan = memory_plan.MemoryPlan("resident", 1.0, {"text": 1.0}, 0, True)
+    monkeypatch.setattr(memory_plan, "choose", lambda budget, **kw: plan)
+    pipe = WanT2V(WAN_CONFIGS["t2v-tiny"], tiny_ckpt, device="cpu", options=RuntimeOptions(max_gpu_memory=100))
+    assert pipe.options.t5_stream and pipe.placement.name == "resident" and pipe.placement.t5_streamer is not None
+    assert "T5 in host memory streamed by layers" in pipe.placement.describe()

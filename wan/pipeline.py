@@ -162,7 +162,8 @@ class WanPipeline:
         if opts.max_gpu_memory:
             opts = self._plan_memory(opts, checkpoint_dir, plan_for, components)
         self.placement, offload = choose_placement(opts.offload_model, self.device, self.world_size, opts.t5_cpu,
-                                                   opts.dit_fsdp, opts.t5_fsdp, mesh, param_dtype, opts.stream_blocks)
+                                                   opts.dit_fsdp, opts.t5_fsdp, mesh, param_dtype, opts.stream_blocks,
+                                                   opts.t5_stream)
         if opts.convert_model_dtype and self.device.type == "cpu":
             # bf16 weights need the CUDA bf16 autocast the reference runs under; record that fp32 is what runs
             log.warning("convert_model_dtype has no effect on the CPU: the DiT runs in fp32 there")
@@ -227,7 +228,8 @@ class WanPipeline:
                 opts = replace(opts, offload_model=False, stream_blocks=2)
             else:
                 opts = replace(opts, offload_model=self.memory_plan.placement == "offload")
-            opts = replace(opts, vae_bands=opts.vae_bands or self.memory_plan.vae_bands)
+            opts = replace(opts, vae_bands=opts.vae_bands or self.memory_plan.vae_bands,
+                           t5_stream=opts.t5_stream or self.memory_plan.t5_streamed)
         log.info("memory plan for %dx%d, %d frames under %.1f GB: %s%s", w, h, frames, opts.max_gpu_memory,
                  self.memory_plan.describe(), " (explicit placement)" if explicit else "")
         return opts

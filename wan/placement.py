@@ -2,7 +2,8 @@
 built, and the only code that moves weights between host and GPU.
 
 - `Resident`: both experts on the device for the whole run; T5 stays in host memory (pinned on CUDA) and encodes
-  from a temporary device copy (or on the CPU with t5_cpu).
+  from a temporary device copy (or on the CPU with t5_cpu), or, with t5_stream, streamed by layers as below (the
+  memory plan's choice where T5's whole copy beside the resident DiTs would be the run's peak).
 - `ExpertOffload`: the reference on one GPU: experts load into host memory, the active one is moved up and the
   other down at the expert switch, both go down after sampling; T5 goes up to encode and back down.
 - `BlockStreamed`: both experts' blocks in pinned host memory, the running block copied into a small ring of device
@@ -48,6 +49,12 @@ class Placement:
         self.device, self.t5_cpu = torch.device(device), t5_cpu
         self.experts: dict[str, torch.nn.Module] = {}
         self.text_encoder = None
+        self.t5: StreamedT5 | None = None  # T5 streamed by layers (BlockStreamed, or Resident with t5_stream)
+
+    @property
+    def t5_streamer(self):
+        """The T5 layers' device ring (a BlockStreamer), or None where T5 is not streamed."""
+        return self.t5.streamer if self.t5 is not None else None
 
     def attach(self, experts: dict, text_encoder) -> None:
         """Take the loaded experts ({"high": ..., "low": ...}) and T5 and put them where they live."""
@@ -59,6 +66,8 @@ class Placement:
 
     def encode(self, texts: list[str]) -> list[torch.Tensor]:
         """T5 embeddings of `texts` on the device, one [n_i, 4096] tensor per text."""
+        if self.t5 is not None and self.t5.attached:
+            return self.t5.encode(self.text_encoder, texts)
         if self.t5_cpu or self.device.type == "cpu":
             return [u.to(self.device) for u in self.text_encoder(texts, CPU)]
         with temporary_copy(self.text_encoder.model, self.device):
@@ -75,25 +84,75 @@ class Placement:
                     t.data = t.data.pin_memory()
 
     def describe(self) -> str:
-        t5 = "CPU" if self.t5_cpu else f"host memory, encoding on {self.device}"
-        return f"{self.name}: experts on {self.where()}, T5 in {t5}"
+        if self.t5 is not None and self.t5.attached:
+            t5 = self.t5.describe()
+        else:
+            t5 = "T5 in " + ("CPU" if self.t5_cpu else f"host memory, encoding on {self.device}")
+        return f"{self.name}: experts on {self.where()}, {t5}"
 
     def where(self) -> str:
         return ", ".join(f"{k} {_on(m)}" for k, m in self.experts.items()) if self.experts else "-"
 
 
+class StreamedT5:
+    """umt5's 24 equal blocks (81.6% of its 11.4 GB in bf16) through SLOTS device buffers (wan/block_stream.py, not
+    cyclic), given back after each encode; the token embedding (the other 18.4%) stays in host memory and looks up
+    only the prompt's rows there; the final norm lives on the device. Bit for bit the resident encode."""
+    SLOTS = 2
+
+    def __init__(self, device: torch.device):
+        from .block_stream import BlockStreamer
+
+        self.device = device
+        self.streamer = BlockStreamer(device, self.SLOTS, cyclic=False)
+        self._stack = None  # BlockStreamer streams `.blocks` of what it is given; kept alive (the streamer keys by id)
+
+    @property
+    def attached(self) -> bool:
+        return self._stack is not None
+
+    def attach(self, t5: torch.nn.Module) -> None:
+        from types import SimpleNamespace
+
+        stack = t5.encoder
+        self._stack = SimpleNamespace(blocks=stack.block)
+        self.streamer.add(self._stack)
+        if self.device.type == "cuda":
+            for t in stack.embed_tokens.parameters():
+                if t.device.type == "cpu" and not t.is_pinned():
+                    t.data = t.data.pin_memory()
+        stack.final_layer_norm.to(self.device)
+        host = stack.embed_tokens.weight.device
+        stack.embed_tokens.register_forward_pre_hook(lambda m, args: (args[0].to(host),))
+        stack.embed_tokens.register_forward_hook(lambda m, args, out: out.to(self.device, non_blocking=True))
+
+    def encode(self, text_encoder, texts: list[str]) -> list[torch.Tensor]:
+        try:
+            return text_encoder(texts, self.device)
+        finally:
+            self.streamer.release()  # the ring is not needed until the next prompt
+
+    def describe(self) -> str:
+        return (f"T5 in host memory streamed by layers through {self.streamer.n} device slots of "
+                f"{self.streamer.layout[-1] / 1e9:.2f} GB")
+
+
 class Resident(Placement):
     name = "resident"
 
-    def __init__(self, device, t5_cpu):
+    def __init__(self, device, t5_cpu, t5_stream: bool = False):
         super().__init__(device, t5_cpu)
         self.load_device = self.device
+        self.t5 = StreamedT5(self.device) if t5_stream and not t5_cpu else None
 
     def attach(self, experts, text_encoder):
         super().attach(experts, text_encoder)
         for m in experts.values():
             m.to(self.device)
-        self._pin_text_encoder()
+        if self.t5 is not None and text_encoder is not None:
+            self.t5.attach(text_encoder.model)
+        else:
+            self._pin_text_encoder()
 
 
 class ExpertOffload(Placement):
@@ -128,15 +187,13 @@ class ExpertOffload(Placement):
 
 class BlockStreamed(Placement):
     name = "block-streamed"
-    T5_SLOTS = 2
 
     def __init__(self, device, t5_cpu, slots: int):
         super().__init__(device, t5_cpu)
         from .block_stream import BlockStreamer
 
         self.streamer = BlockStreamer(self.device, slots)
-        self.t5_streamer = None if t5_cpu else BlockStreamer(self.device, self.T5_SLOTS, cyclic=False)
-        self._t5_stack = None
+        self.t5 = None if t5_cpu else StreamedT5(self.device)
 
     def attach(self, experts, text_encoder):
         super().attach(experts, text_encoder)
@@ -145,40 +202,8 @@ class BlockStreamed(Placement):
             for name, child in m.named_children():
                 if name != "blocks":
                     child.to(self.device)
-        if self.t5_streamer is not None and text_encoder is not None:
-            self._stream_text_encoder(text_encoder.model)
-
-    def _stream_text_encoder(self, t5) -> None:
-        """umt5's 24 equal blocks (81.6% of its 11.4 GB in bf16) through `T5_SLOTS` device buffers; the token
-        embedding (the other 18.4%) stays in host memory and looks up only the prompt's rows on the host; the final
-        norm goes to the device."""
-        from types import SimpleNamespace
-
-        stack = t5.encoder
-        self._t5_stack = SimpleNamespace(blocks=stack.block)  # BlockStreamer streams `.blocks`; kept alive (its id)
-        self.t5_streamer.add(self._t5_stack)
-        if self.device.type == "cuda":
-            for t in stack.embed_tokens.parameters():
-                if t.device.type == "cpu" and not t.is_pinned():
-                    t.data = t.data.pin_memory()
-        stack.final_layer_norm.to(self.device)
-        host = stack.embed_tokens.weight.device
-        stack.embed_tokens.register_forward_pre_hook(lambda m, args: (args[0].to(host),))
-        stack.embed_tokens.register_forward_hook(lambda m, args, out: out.to(self.device, non_blocking=True))
-
-    def encode(self, texts):
-        if self._t5_stack is None:  # --t5_cpu
-            return super().encode(texts)
-        try:
-            return self.text_encoder(texts, self.device)
-        finally:
-            self.t5_streamer.release()  # the ring is not needed until the next prompt
-
-    def describe(self) -> str:
-        if self._t5_stack is None:
-            return super().describe()
-        return (f"{self.name}: experts on {self.where()}, T5 in host memory streamed by layers through "
-                f"{self.t5_streamer.n} device slots of {self.t5_streamer.layout[-1] / 1e9:.2f} GB")
+        if self.t5 is not None and text_encoder is not None:
+            self.t5.attach(text_encoder.model)
 
     def where(self):
         return (f"host memory (blocks, {'pinned' if self.device.type == 'cuda' else 'pageable'}) streamed through "
@@ -213,8 +238,10 @@ class Sharded(Placement):
 
 def choose_placement(offload_model: bool | None, device: torch.device, world: int, t5_cpu: bool,
                      dit_fsdp: bool = False, t5_fsdp: bool = False, mesh=None,
-                     param_dtype: torch.dtype = torch.bfloat16, stream_blocks: int = 0) -> tuple[Placement, bool]:
-    """(placement, resolved offload_model). offload_model None: the reference's default, true on one GPU only."""
+                     param_dtype: torch.dtype = torch.bfloat16, stream_blocks: int = 0,
+                     t5_stream: bool = False) -> tuple[Placement, bool]:
+    """(placement, resolved offload_model). offload_model None: the reference's default, true on one GPU only.
+    t5_stream (RuntimeOptions refuses it with offload, FSDP or t5_cpu): a resident run streams T5 by layers."""
     device = torch.device(device)
     if stream_blocks:  # RuntimeOptions refuses it with offload_model true or dit_fsdp
         return BlockStreamed(device, t5_cpu, stream_blocks), False
@@ -229,4 +256,7 @@ def choose_placement(offload_model: bool | None, device: torch.device, world: in
                          "resident); drop it, or add --dit_fsdp to shard the experts instead")
     if offload_model and device.type == "cpu":
         offload_model = False  # nowhere to offload to: the CPU run is resident by definition
-    return (ExpertOffload(device, t5_cpu) if offload_model else Resident(device, t5_cpu)), offload_model
+    if offload_model and t5_stream:
+        raise ValueError("--t5_stream is for a resident run (--offload_model false) or --stream_blocks, which "
+                         "streams T5 anyway; the reference's offload moves T5 whole")
+    return (ExpertOffload(device, t5_cpu) if offload_model else Resident(device, t5_cpu, t5_stream)), offload_model
