@@ -1,11 +1,15 @@
 """The placement chooser of --max_gpu_memory: a table of budgets -> placements from the measured costs, the
 one-line refusal before loading, an explicit placement winning, and the estimate against the measured 720p peaks."""
+import json
+from pathlib import Path
+
 import pytest
 
 from wan.configs.model_config import A14B
 from wan.errors import MemoryPlanError
 from wan.memory_plan import choose, dit_bytes, estimate, margin_gb
 
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 P720 = dict(arch=A14B, tokens=75600, pixels=1280 * 720 * 81, bytes_per_param=2, t5_bytes=11.4e9)
 P480 = dict(arch=A14B, tokens=32760, pixels=832 * 480 * 81, bytes_per_param=2, t5_bytes=11.4e9)
 
@@ -181,11 +185,22 @@ def test_i2v_expert_size_counts_the_36_input_channels():
     assert block * 40 + rest == 14_288_901_184  # the t2v count + 20 x 4 x 5120 (i2v_ti2v_facts.md §1.9)
 
 
-def test_i2v_plan_has_an_encode_phase_from_the_counted_cost():
+def test_i2v_plan_has_an_encode_phase_from_the_measured_cost():
+    """The encode's per-pixel cost measured on an H100 (plain and --fast_encode, which holds more); --fast plans the
+    --fast_encode one."""
     from wan.configs import WAN_CONFIGS
-    from wan.memory_plan import VAE_ENCODE_BYTES_PER_PIXEL, plan_inputs
-    from wan.options import fast_options
+    from wan.memory_plan import VAE_ENCODE_BYTES_PER_PIXEL, VAE_FAST_ENCODE_BYTES_PER_PIXEL, plan_inputs
+    from wan.options import RuntimeOptions, fast_options
 
+    measured = json.loads((RESULTS / "backlog/h100_i2v_encode_720p.json").read_text())["vae_encode"]
+    px = 1280 * 720 * 81
+    for dtype, m in measured.items():
+        assert m["peak_gb"] * 1e9 / px <= VAE_ENCODE_BYTES_PER_PIXEL[dtype] < 1.05 * m["peak_gb"] * 1e9 / px
+        assert m["reuse_peak_gb"] * 1e9 / px <= VAE_FAST_ENCODE_BYTES_PER_PIXEL[dtype] < \
+            1.05 * m["reuse_peak_gb"] * 1e9 / px
+    plain = plan_inputs(WAN_CONFIGS["i2v-A14B"], RuntimeOptions(convert_model_dtype=True), (1280, 720, 81), 11.4e9)
+    assert estimate("resident", **plain).phases["encode"] < estimate("resident", **{**plain, "fast_encode": True}
+                                                                     ).phases["encode"]
     opts = fast_options()
     t2v = plan_inputs(WAN_CONFIGS["t2v-A14B"], opts, (1280, 720, 81), 11.4e9)
     i2v = plan_inputs(WAN_CONFIGS["i2v-A14B"], opts, (1280, 720, 81), 11.4e9)
@@ -193,15 +208,39 @@ def test_i2v_plan_has_an_encode_phase_from_the_counted_cost():
     assert "encode" not in estimate("resident", **t2v).phases
     plan = estimate("resident", **i2v)
     base = 2 * sum(x * y for x, y in zip(dit_bytes(i2v["arch"], 2), (40, 1)))
-    want = (base + VAE_ENCODE_BYTES_PER_PIXEL["fp32"] * 1280 * 720 * 81) * 1.05 / 1e9
+    want = (base + VAE_FAST_ENCODE_BYTES_PER_PIXEL["fp32"] * 1280 * 720 * 81) * 1.05 / 1e9
     assert abs(plan.phases["encode"] - want) < 1e-6 and plan.phases["encode"] < plan.phases["decode"]
-    # streamed under 24 GB with the banded decode, the encode is the phase to watch; bf16 halves it
+    # streamed under 24 GB with the banded decode, the encode is the phase to watch: --fast_encode's reuse does not
+    # fit there, the plain encode (the same latent) does; bf16 halves it and keeps the reuse
     tight = choose(24, **i2v)
     assert tight.placement == "stream" and tight.vae_bands and tight.phases["encode"] > tight.phases["decode"]
+    assert not tight.fast_encode and "encode" in estimate("stream", **{**i2v, "vae_bands": 4}).phases
+    assert estimate("stream", **{**i2v, "vae_bands": 4}).peak_gb + margin_gb(24) > 24  # the reuse would not fit
     with pytest.raises(MemoryPlanError, match="--vae_dtype bf16") as err:
         choose(tight.phases["encode"] - 0.5, **{**i2v, "t5_cpu": True})
     assert "\n" not in str(err.value)
-    assert choose(24, **{**i2v, "vae_dtype": "bf16"}).phases["encode"] < 0.6 * tight.phases["encode"]
+    half = choose(24, **{**i2v, "vae_dtype": "bf16"})
+    assert half.fast_encode and half.phases["encode"] < 0.7 * tight.phases["encode"]
+    # an 80 GB H100 at 720p: resident, VAE in bands, the plain encode (the reuse's 2 GB more does not fit the margin)
+    h100 = choose(84.5, **i2v)
+    assert (h100.placement, h100.vae_bands, h100.fast_encode) == ("resident", 4, False)
+
+
+def test_pipeline_turns_fast_encode_off_where_the_plan_could_not_afford_it(tiny_i2v_ckpt, monkeypatch, caplog):
+    """The plan's choice of the plain encode becomes the pipeline's option, said in one warning; a later call that
+    asks for --fast_encode gets the plain encode too, and the record says so."""
+    from wan import memory_plan
+    from wan.configs import WAN_CONFIGS
+    from wan.image2video import WanI2V
+    from wan.options import RuntimeOptions
+
+    plan = memory_plan.MemoryPlan("resident", 1.0, {"encode": 1.0}, 0, False, False)
+    monkeypatch.setattr(memory_plan, "choose", lambda budget, **kw: plan)
+    with caplog.at_level("WARNING", logger="wan"):
+        pipe = WanI2V(WAN_CONFIGS["i2v-tiny"], tiny_i2v_ckpt, device="cpu",
+                      options=RuntimeOptions(max_gpu_memory=100, fast_encode=True))
+    assert not pipe.options.fast_encode and "--fast_encode is off for this pipeline" in caplog.text
+    assert not pipe._check_call_options(RuntimeOptions(max_gpu_memory=100, fast_encode=True)).fast_encode
 
 
 def test_ti2v_plan_counts_one_model_and_the_wan22_vae():

@@ -32,25 +32,27 @@ from .errors import MemoryPlanError
 log = logging.getLogger("wan")
 
 ACTIVATION_BYTES_PER_TOKEN = 84e3
-VAE_BYTES_PER_PIXEL = {"fp32": 300.0, "bf16": 150.0}
+# The whole-frame decode's peak per output pixel and frame, measured: H200 300 / 150 (fp32 / bf16), H100 310 / 162
+# (benchmarks/results/backlog/h100_i2v_encode_720p.json: 23.16 / 12.05 GB at 1280 x 720 x 81); the larger.
+VAE_BYTES_PER_PIXEL = {"fp32": 310.0, "bf16": 162.0}
 # Banded decode (wan/modules/vae_bands.py, 4 bands of rows, band by band: only one band's causal caches alive): its
 # peak over the whole-frame peak, from live-tensor counts of the 720p x 81 decode (benchmarks/vae_memory.py: 5.03 /
 # 17.57 GiB fp32, 2.77 / 9.12 bf16; not yet measured on a GPU), rounded up.
 VAE_BANDS = 4
 VAE_BANDED_FRACTION = {"fp32": 0.30, "bf16": 0.31}
-# The I2V condition's encode (input video included): live-tensor counts of the 720p x 81 encode
-# (benchmarks/results/cpu_{720,480}p_vae_encode_counts.json: 186.3 / 98.0 bytes per pixel in fp32 / bf16, the same at
-# 480p), times the whole-frame decode's measured-over-counted ratio (300 / 252.7 = 1.19 in fp32, 150 / 131.2 = 1.14 in
-# bf16) for allocator slack and workspaces, rounded up. An estimate: not yet measured on a GPU. --fast_encode holds a
-# little more (one layer's old cache slots until compared, and the reused prefix's output: at 720p fp32 at most about
-# 2.8 GB, from the shapes), not counted here; tests/test_gpu_vae.py records both peaks.
-VAE_ENCODE_BYTES_PER_PIXEL = {"fp32": 225.0, "bf16": 115.0}
+# The I2V condition's encode (input video included), per pixel and frame, measured on an H100 at 1280 x 720 x 81
+# (benchmarks/results/backlog/h100_i2v_encode_720p.json, allocated peaks): plain 17.31 / 9.58 GB fp32 / bf16 (232 /
+# 128, above the live-tensor counts' 186.3 / 98.0 by 1.25 / 1.31); --fast_encode holds more (one layer's old cache
+# slots until compared, the reused prefix's output): 19.42 / 10.64 GB (261 / 143). Rounded up.
+VAE_ENCODE_BYTES_PER_PIXEL = {"fp32": 233.0, "bf16": 129.0}
+VAE_FAST_ENCODE_BYTES_PER_PIXEL = {"fp32": 261.0, "bf16": 143.0}
 # The Wan 2.2 VAE (TI2V-5B), ESTIMATES: live-tensor counts at 1280 x 704 x 121 (benchmarks/vae_memory.py --vae 2.2:
 # whole-frame decode 19.30 / 9.65 GiB fp32 / bf16 = 190.0 / 95.0 bytes per output pixel and frame; band order, split
 # 0, 4 bands: 0.29 of it at +40% decode work; the one-frame encode of the image 1.65 / 0.82 GiB = 1966 / 983 bytes per
 # pixel of that frame), times 1.19 / 1.14 as the 2.1 estimates above, rounded up. Not yet measured on a GPU.
 VAE_COSTS = {  # version -> (decode bytes per pixel, banded fraction, encode bytes per encoded pixel), per dtype
     "2.1": (VAE_BYTES_PER_PIXEL, VAE_BANDED_FRACTION, VAE_ENCODE_BYTES_PER_PIXEL),
+    "2.1 fast_encode": (VAE_BYTES_PER_PIXEL, VAE_BANDED_FRACTION, VAE_FAST_ENCODE_BYTES_PER_PIXEL),
     "2.2": ({"fp32": 227.0, "bf16": 109.0}, {"fp32": 0.30, "bf16": 0.30}, {"fp32": 2340.0, "bf16": 1121.0}),
 }
 # Block streaming also streams T5 by layers (wan/placement.py): 2 slots of one of umt5-xxl's 24 equal blocks, which
@@ -116,6 +118,7 @@ class MemoryPlan:
     phases: dict  # phase -> GB: text encoding, denoising, decoding
     vae_bands: int = 0  # 0: whole-frame decode
     t5_streamed: bool = False  # resident DiTs, T5 streamed by layers (the stream placement streams it anyway)
+    fast_encode: bool = False  # the I2V encode planned with --fast_encode's reuse (its higher peak)
 
     def describe(self) -> str:
         bands = f", VAE in {self.vae_bands} bands" if self.vae_bands > 1 else ""
@@ -136,12 +139,14 @@ def cache_bytes(method: str, arch, tokens: int, latent_elements: int) -> float:
 def estimate(placement: str, arch, tokens: int, batch: int, pixels: int, bytes_per_param: int, vae_dtype: str,
              t5_bytes: float, t5_cpu: bool, slots: int = 2, vae_bands: int = 0, fp8_linear: str = "none",
              encode_pixels: int = 0, n_models: int = 2, vae_version: str = "2.1", per_token_time: bool = False,
-             step_cache: float = 0.0, t5_streamed: bool = False) -> MemoryPlan:
+             step_cache: float = 0.0, t5_streamed: bool = False, fast_encode: bool = False) -> MemoryPlan:
     """Peak GB of each phase of one generation for `placement`; `encode_pixels` > 0 (I2V, TI2V with an image) adds
     the encode phase; `n_models` DiTs (2 experts, or 1), `vae_version` "2.1" or "2.2" (its costs: VAE_COSTS);
     `step_cache` (bytes, `cache_bytes`) is held through the denoising; `t5_streamed`: a resident run streams T5 by
-    layers (the stream placement always does)."""
-    decode_cost, banded, encode_cost = VAE_COSTS[vae_version]
+    layers (the stream placement always does); `fast_encode`: the I2V encode reuses repeated layers (a higher
+    peak, measured)."""
+    decode_cost, banded, encode_cost = VAE_COSTS[f"{vae_version} fast_encode" if fast_encode and
+                                                 f"{vae_version} fast_encode" in VAE_COSTS else vae_version]
     block, rest = dit_bytes(arch, bytes_per_param, fp8_linear)
     expert = block * arch.num_layers + rest
     act = activation_bytes_per_token(arch, per_token_time) * tokens * batch + step_cache
@@ -164,7 +169,8 @@ def estimate(placement: str, arch, tokens: int, batch: int, pixels: int, bytes_p
     if not encode_pixels:  # text-to-video: no condition to encode
         del phases["encode"]
     phases = {k: v * HEADROOM / 1e9 for k, v in phases.items()}
-    return MemoryPlan(placement, max(phases.values()), phases, vae_bands if vae_bands > 1 else 0, t5_streamed)
+    return MemoryPlan(placement, max(phases.values()), phases, vae_bands if vae_bands > 1 else 0, t5_streamed,
+                      fast_encode and bool(encode_pixels))
 
 
 def t5_weight_bytes(t5_file=None, encoder=None) -> float:
@@ -189,7 +195,7 @@ def plan_inputs(config, options, size_frames: tuple[int, int, int], t5_bytes: fl
                 vae_bands=options.vae_bands, fp8_linear=options.fp8_linear, encode_pixels=encode_pixels,
                 n_models=len(config.experts), vae_version=config.vae_version, per_token_time=kind == "ti2v",
                 step_cache=cache_bytes(method, config.arch, tokens, latent * config.arch.out_dim),
-                t5_streamed=options.t5_stream)
+                t5_streamed=options.t5_stream, fast_encode=options.fast_encode)
 
 
 def fast_budget(options, free_gb: float, **kw) -> tuple[object, str]:
@@ -203,7 +209,8 @@ def fast_budget(options, free_gb: float, **kw) -> tuple[object, str]:
         plan = choose(free_gb, prefer_t5_stream=False, **kw)
     except MemoryPlanError as e:
         raise MemoryPlanError(f"--fast: {free_gb:.1f} GB free on the GPU: {e}") from None
-    if plan.placement == "resident" and not plan.vae_bands and not plan.t5_streamed:
+    if plan.placement == "resident" and not plan.vae_bands and not plan.t5_streamed \
+            and plan.fast_encode == (options.fast_encode and bool(kw.get("encode_pixels"))):
         return options, f"--fast: {free_gb:.1f} GB free on the GPU; {plan.describe()}"
     budget = math.floor(free_gb * 10) / 10
     return (replace(options, max_gpu_memory=budget, offload_model=None),
@@ -218,20 +225,24 @@ def choose(budget_gb: float, prefer_t5_stream: bool = True, **kw) -> MemoryPlan:
     A resident plan whose peak would be T5's whole copy beside the DiTs streams T5 by layers instead (measured on an
     H100: 0.8 s for a 720p run's two prompts, streamed; the embeddings are the same bit for bit): under a budget it
     is preferred (the lower peak); with `prefer_t5_stream` False (the uncapped `--fast` check) only where the whole
-    copy does not fit.
+    copy does not fit. Where the I2V encode with --fast_encode's reuse does not fit a placement, the plain encode
+    (the same latent bit for bit, slower) is tried before the next placement (the plan's fast_encode says which).
     Raises MemoryPlanError (a ValueError, one line) with the smallest budget that would fit."""
     explicit = kw.pop("vae_bands", 0)
     bands = [explicit] if explicit else [0, VAE_BANDS]  # explicit bands win
+    encodes = [kw.get("fast_encode", False)] + ([False] if kw.get("fast_encode") and kw.get("encode_pixels") else [])
     plans = []
     for placement in ("resident", "stream"):
         for b in bands:
-            plan = estimate(placement, **kw, vae_bands=b)
-            if placement == "resident" and not plan.t5_streamed and not kw.get("t5_cpu") \
-                    and max(plan.phases, key=plan.phases.get) == "text":  # T5's whole copy would be the peak
-                streamed = estimate(placement, **{**kw, "t5_streamed": True}, vae_bands=b)
-                plans += [streamed, plan] if prefer_t5_stream else [plan, streamed]
-            else:
-                plans.append(plan)
+            for fast_encode in encodes:
+                plan = estimate(placement, **{**kw, "fast_encode": fast_encode}, vae_bands=b)
+                if placement == "resident" and not plan.t5_streamed and not kw.get("t5_cpu") \
+                        and max(plan.phases, key=plan.phases.get) == "text":  # T5's whole copy would be the peak
+                    streamed = estimate(placement, **{**kw, "t5_streamed": True, "fast_encode": fast_encode},
+                                        vae_bands=b)
+                    plans += [streamed, plan] if prefer_t5_stream else [plan, streamed]
+                else:
+                    plans.append(plan)
     for plan in plans:
         if plan.peak_gb + margin_gb(budget_gb) <= budget_gb:
             return plan
