@@ -187,6 +187,12 @@ ROWS: tuple[Row, ...] = (
         "checked"),
     Row("i2v_fewstep_720p", _bench("fewstep", "--task", "i2v", "--res", "720p", "--skip", "row"), 420,
         "I2V 720p: a 4-step video with a random rank-64 LoRA pair: target at most 45 s", key=_fewstep_key),
+    Row("i2v_cli_720p_fast", _bench("rows", "--task", "i2v", "--res", "720p", "full", "--cli_plan", "--options", _FAST,
+                                    "--sampling_steps", "4", "--solver", "euler", "--shift", "5", "--guide", "3.5",
+                                    "3.5", "--repeat", "0", deadline=False), 240,
+        "I2V 720p: the plain --fast whole run (fp32 encode and decode, 4 Euler steps with CFG) on the plan generate.py "
+        "picks for the card's free memory (an 80 GB H100: resident, VAE in bands, the plain encode, 78.3 GB "
+        "planned): its peak against the plan", key=_full_key),
     # step caching (issue 22): estimates from h200_480p_full_generation.json (218 s per --fast video, 17 s build) and
     # the 720p waterfall rows, plus about 15% for an H100
     # checkpoint layouts (issue 20): one random A14B expert in bf16 written in each layout (one on disk at a time,
